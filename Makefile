@@ -1,0 +1,37 @@
+# make run: set up and run the main job (a real CIFAR-10 sweep, a few minutes on 2 CPU cores).
+# make test: set up (with dev extras) and run the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/datasets/cifar10-jpeg)
+ifneq ($(wildcard $(SHARED_DATA)/train),)
+export NORMBENCH_DATA ?= $(SHARED_DATA)
+endif
+
+.PHONY: run test test-all setup setup-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/normbench experiment=quick
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf runs outputs multirun

@@ -1,0 +1,74 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
+
+A checkpoint holds plain containers of tensors and numbers only, so it loads with
+`torch.load(weights_only=True)`. It carries the run's config fingerprint: a checkpoint of a
+different run (another model, norm, batch size, ...) is never resumed silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normbench.atomic import atomic_path
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Keys that do not change what a run computes: where it writes, how it reports progress.
+NON_SEMANTIC_KEYS = {"out_dir", "run_name", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
+                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "experiment", "device"}
+NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
+
+
+class BadCheckpoint(Exception):
+    """The checkpoint file is unreadable or belongs to another run."""
+
+
+def fingerprint(config: dict) -> str:
+    """A short hash of everything that determines a run's results."""
+    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "hydra"}
+    if isinstance(semantic.get("data"), dict):
+        semantic["data"] = {k: v for k, v in semantic["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save(path: str | Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: str | Path, expected_fingerprint: str) -> dict:
+    """Load a checkpoint or raise BadCheckpoint with a one-line reason."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "unusable"
+        raise BadCheckpoint(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise BadCheckpoint(f"{path} is not a normbench checkpoint")
+    if state["fingerprint"] != expected_fingerprint:
+        raise BadCheckpoint(f"{path} belongs to a different configuration ({state.get('describe', '?')})")
+    return state

@@ -1,0 +1,199 @@
+"""The `normbench` command: Hydra composes the config, `run_job` runs (or skips, or resumes) one run.
+
+A run never raises out of `run_job` in a sweep: crashes are recorded in the run's summary.json
+and the sweep goes on; the sweep callback prints what failed at the end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import RunMode
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from normbench import atomic, checkpoint, validate
+from normbench.errors import UserError
+from normbench.tracking import SUMMARY_NAME, read_summary
+
+FINISHED = ("completed", "diverged")  # divergence is a result: rerunning would diverge again
+
+
+def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed) -> str:
+    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0."""
+    from normbench.norms import is_batch_dependent
+
+    model_part = model.name if model.get("placement", "before") == "before" else f"{model.name}-norm{model.placement}"
+    vb = norm.get("virtual_batch")
+    options = {k: v for k, v in norm.items() if k != "name"}
+    # The normalization batch only matters for batch-dependent norms; others share one folder.
+    vb_part = f"-vb{vb}" if vb is not None and _safe_batch_dependent(is_batch_dependent, norm.name, options) else ""
+    return f"{model_part}/{norm.name}/bs{batch_size}{vb_part}/lr{lr:g}/seed{seed}"
+
+
+def _safe_batch_dependent(is_batch_dependent, name, options) -> bool:
+    try:
+        return is_batch_dependent(name, **options)
+    except Exception:  # noqa: BLE001 - a bad norm option is reported by validation, not here
+        return True
+
+
+OmegaConf.register_new_resolver("nb.run_name", run_name, replace=True)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@contextmanager
+def claim(run_dir: Path):
+    """Hold an exclusive lock on the run folder while training it; yields False if a live process has it.
+
+    flock is released by the kernel when its holder dies, so a killed run never leaves a stale claim."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _show_progress(cfg: DictConfig) -> bool:
+    if cfg.progress == "auto":
+        return sys.stderr.isatty() and not os.environ.get("CI")
+    return bool(cfg.progress)
+
+
+def _auto_threads(cfg: DictConfig) -> None:
+    """Parallel jobs on one machine share its cores: jobs x threads <= cores."""
+    if cfg.threads is None:
+        n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs")
+        if n_jobs and n_jobs > 0:
+            cfg.threads = max(1, (os.cpu_count() or 1) // int(n_jobs))
+
+
+def run_job(cfg: DictConfig) -> dict | None:
+    """Validate, then skip / resume / start the run in Hydra's output dir. Returns its summary."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        validate.check_config(cfg)
+        _auto_threads(cfg)
+        with claim(run_dir) as claimed:
+            if not claimed:
+                print(f"skip {cfg.run_name}: another live process is training it")
+                return None
+            fp = checkpoint.fingerprint(OmegaConf.to_container(cfg, resolve=True))
+            previous = read_summary(run_dir)
+            if previous and previous.get("status") in FINISHED and previous.get("fingerprint") == fp:
+                print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous.get('test_acc')})")
+                return previous
+            if previous and previous.get("status") in FINISHED:
+                print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
+                (run_dir / SUMMARY_NAME).unlink()
+            from normbench.train import train
+
+            return train(cfg, run_dir, progress=_show_progress(cfg))
+    except UserError as e:
+        if not in_sweep:  # SystemExit passes through Hydra's error reporting untouched
+            if cfg.debug:
+                traceback.print_exc()
+            print(f"normbench: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"error in {cfg.run_name}: {e}", file=sys.stderr)
+        return _record_failure(cfg, run_dir, f"invalid input: {e}")
+    except Exception as e:  # noqa: BLE001 - one crashed run must not take down a sweep
+        if cfg.debug:
+            traceback.print_exc()
+        log = run_dir / "error.log"
+        atomic.write_text(log, traceback.format_exc())
+        print(f"error: {cfg.run_name} crashed: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        result = _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
+        if not in_sweep:
+            raise SystemExit(1)
+        return result
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
+    from datetime import datetime, timezone
+
+    summary = {"run_name": cfg.run_name, "status": "failed", "reason": reason, "model": cfg.model.name,
+               "norm": cfg.norm.name, "placement": cfg.model.placement, "batch_size": cfg.batch_size,
+               "virtual_batch": cfg.norm.get("virtual_batch"), "lr": cfg.lr, "seed": cfg.seed,
+               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        atomic.write_json(run_dir / SUMMARY_NAME, summary)
+    except OSError:
+        pass
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_entry(cfg: DictConfig) -> dict | None:
+    return run_job(cfg)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: list failures, optionally write the report; exit 1 if a run crashed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        started = getattr(self, "started", 0.0)
+        failed, counts = [], {}
+        for path in sorted(sweep_dir.rglob(SUMMARY_NAME)):
+            summary = read_summary(path.parent)
+            if not summary or path.stat().st_mtime < started - 1:
+                continue
+            counts[summary.get("status")] = counts.get(summary.get("status"), 0) + 1
+            if summary.get("status") == "failed":
+                failed.append(f"  {summary.get('run_name')}: {summary.get('reason')}")
+        print(f"sweep finished in {sweep_dir}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs written"))
+        if config.get("report_at_end"):
+            from normbench import report
+
+            try:
+                report.write_report([str(sweep_dir)], str(sweep_dir / "report"), target_acc=config.target_acc)
+            except SystemExit:
+                pass
+        print(f"curves: tensorboard --logdir {sweep_dir}")
+        if failed:
+            print("failed runs:\n" + "\n".join(failed), file=sys.stderr)
+            raise SystemExit(1)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in argv)
+    try:
+        validate.check_argv(argv)
+        sys.argv = [sys.argv[0], *argv]
+        hydra_entry()
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"normbench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
