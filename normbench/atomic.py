@@ -42,7 +42,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path, obj) -> None:

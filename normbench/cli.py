@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import RunMode
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -143,7 +143,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(validate.CONF_DIR), config_name="config")
 def hydra_entry(cfg: DictConfig) -> dict | None:
     return run_job(cfg)
 
@@ -173,9 +173,11 @@ class SweepSummary(Callback):
             from normbench import report
 
             try:
-                report.write_report([str(sweep_dir)], str(sweep_dir / "report"), target_acc=config.target_acc)
-            except SystemExit:
-                pass
+                written = report.write_report([str(sweep_dir)], sweep_dir / "report", target_acc=config.target_acc)
+                print(written["table.md"].read_text())
+                print(f"report: {', '.join(str(p) for p in written.values())}")
+            except UserError as e:
+                print(f"no report: {e}", file=sys.stderr)
         print(f"curves: tensorboard --logdir {sweep_dir}")
         if failed:
             print("failed runs:\n" + "\n".join(failed), file=sys.stderr)

@@ -17,13 +17,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
+from normbench import atomic
 from normbench.errors import UserError
 
 PROG = "normbench-report"
@@ -88,26 +88,13 @@ def _warn(message: str) -> None:
 # Atomic writes
 # --------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write_to_temp) -> None:
-    """Call write_to_temp(tmp_path) for a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_to_temp(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic.write_text(path, text)
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""The real entry point on tiny data: outputs agree with each other, resume is exact, failures are recorded."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from normbench.cli import run_job
+from tests.conftest import REPO, TINY_OVERRIDES, make_image_folder, run_cli
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def scalars(run_dir: Path) -> dict[str, list]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_run_outputs_agree(make_cfg, tmp_path):
+    cfg = make_cfg("epochs=2", "norm=bn")
+    summary = run_job(cfg)
+    run_dir = tmp_path / "runs" / "cnn/bn/bs8/lr0.1/seed0"
+    assert summary["status"] == "completed" and summary["epochs_done"] == 2
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["test_acc"]) == pytest.approx(summary["test_acc"])
+    assert float(rows[-1]["train_loss"]) == pytest.approx(summary["train_loss"])
+    assert summary["best_test_acc"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
+    assert summary["train_size"] == 160 and summary["test_size"] == 80
+
+    tb = scalars(run_dir)
+    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "perf/images_per_s"):
+        assert tag in tb, tag
+    steps_per_epoch = 160 // 8
+    assert [s for s, _ in tb["test/acc"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert tb["test/acc"][-1][1] == pytest.approx(summary["test_acc"], rel=1e-5)
+    assert tb["train/acc"][-1][1] == pytest.approx(summary["train_acc"], rel=1e-5)
+    assert tb["test/loss"][0][1] == pytest.approx(float(rows[0]["test_loss"]), rel=1e-5)
+    assert len(tb["train/loss"]) == 2 * steps_per_epoch // 2  # log_every=2
+    assert any(tag.startswith("bn_gap/") for tag in tb)  # the train/eval statistics gap of BN layers
+    # hparams live in the run's own event file: no sub-run folders
+    assert not [p for p in run_dir.iterdir() if p.is_dir() and p.name != ".hydra"]
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+
+
+def test_lr_schedule_and_scaling(make_cfg):
+    from normbench.train import scaled_lr
+
+    assert scaled_lr(make_cfg("batch_size=2", "lr=0.1")) == pytest.approx(0.1 * 2 / 128)
+    assert scaled_lr(make_cfg("batch_size=32", "lr=0.1", "optim.lr_scaling=sqrt")) == pytest.approx(0.1 * 0.5)
+    assert scaled_lr(make_cfg("batch_size=2", "lr=0.1", "optim.lr_scaling=none")) == pytest.approx(0.1)
+
+
+def test_rerun_skips_a_completed_run(make_cfg, capsys):
+    cfg = make_cfg()
+    first = run_job(cfg)
+    capsys.readouterr()
+    second = run_job(cfg)
+    assert "skip" in capsys.readouterr().out
+    assert second["finished_at"] == first["finished_at"]
+
+
+def test_divergence_is_recorded(make_cfg):
+    summary = run_job(make_cfg("lr=1e12", "optim.lr_scaling=none", "sched.warmup_epochs=0"))
+    assert summary["status"] == "diverged"
+    assert isinstance(summary["diverged_step"], int) and summary["diverged_step"] >= 0
+    assert "non-finite" in summary["reason"]
+
+
+def test_truncated_checkpoint_restarts_cleanly(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("epochs=2")
+    reference = run_job(cfg)
+    run_dir = tmp_path / "runs" / cfg.run_name
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    again = run_job(cfg)
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and "from scratch" in warnings[0]
+    assert again["status"] == "completed"
+    assert again["test_acc"] == reference["test_acc"] and again["train_loss"] == reference["train_loss"]
+
+
+def test_mismatched_checkpoint_is_not_resumed(make_cfg, tmp_path, capsys):
+    gn = make_cfg("norm=gn")
+    run_job(gn)
+    bn = make_cfg("norm=bn", "epochs=2")
+    bn_dir = tmp_path / "runs" / bn.run_name
+    bn_dir.mkdir(parents=True)
+    shutil.copy(tmp_path / "runs" / gn.run_name / "checkpoint.pt", bn_dir / "checkpoint.pt")
+    capsys.readouterr()
+    summary = run_job(bn)
+    assert "different configuration" in capsys.readouterr().out
+    assert summary["status"] == "completed" and summary["epochs_done"] == 2
+
+    stop = make_cfg("norm=bn", "epochs=3", "on_bad_checkpoint=stop")
+    stop_dir = tmp_path / "runs" / stop.run_name
+    assert stop_dir == bn_dir  # same identity, other epochs: the old checkpoint is a mismatch
+    (bn_dir / "summary.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        run_job(stop)
+    assert e.value.code == 2
+
+
+def _cli_args(data_root, out_dir, *extra):
+    return [*TINY_OVERRIDES, f"data.root={data_root}", f"out_dir={out_dir}", *extra]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
+    env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
+    args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0"]
+    run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/seed0"
+    # Checkpoint every 25 steps, so the kill lands between checkpoints inside an epoch.
+    cmd = [sys.executable, "-m", "normbench", *_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NORMBENCH_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.csv").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.6)  # well inside epoch 2 (200 steps per epoch)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["batch_in_epoch"] > 0 or state["epoch"] >= 1
+
+    resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    straight = run_cli(_cli_args(data_root, tmp_path / "straight", *args), env_extra=env)
+    assert straight.returncode == 0, straight.stderr
+
+    a = json.loads((run_dir / "summary.json").read_text())
+    b = json.loads((tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0" / "summary.json").read_text())
+    for key in ("test_acc", "best_test_acc", "test_loss", "train_loss", "train_acc", "epochs_done", "steps_done"):
+        assert a[key] == b[key], key
+    rows_a = read_metrics(run_dir)
+    rows_b = read_metrics(tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(rows_a) == drop(rows_b)
