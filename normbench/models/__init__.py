@@ -10,7 +10,7 @@ from torch import nn
 
 from normbench.models.cnn import PlainCNN
 from normbench.models.resnet_cifar import CifarResNet, PreActResNet18
-from normbench.norms import apply_weight_reparam, norm_layer_factory
+from normbench.norms import NormConfigError, apply_weight_reparam, norm_layer_factory
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ MODELS: dict[str, ModelInfo] = {
 
 def _needs_conv_bias(norm_layer: Callable[[int], nn.Module]) -> bool:
     """Convs feeding a norm with learnable parameters (a shift) need no bias of their own."""
-    return not any(True for _ in norm_layer(64).parameters())
+    try:
+        probe = norm_layer(64)
+    except NormConfigError:
+        return False  # the model's own layers raise it again, naming their channel count
+    return not any(True for _ in probe.parameters())
 
 
 def build_model(name: str, norm: str = "bn", num_classes: int = 10, model_options: dict | None = None,

@@ -1,0 +1,562 @@
+"""Activation normalization layers, written by hand where torch has no exact equivalent.
+
+Every layer takes feature maps of shape (N, C, *spatial) (the models use (N, C, H, W)) and
+is vectorised: no Python loop over samples, channels or groups.
+
+Batch-statistics layers (``BatchNorm``, ``BatchRenorm``, ``MeanOnlyBatchNorm``) share a base
+class that adds three things on top of the plain layer:
+
+* ghost / virtual batches (``virtual_batch=k``): statistics over consecutive groups of k
+  samples; the group index is folded into the channel dimension so one kernel call does it;
+* stat recording (``recording_batch_stats`` / ``batch_stat_gaps``): the gap between the batch
+  statistics a layer used in training and the running statistics it would use in eval;
+* PreciseBN (``precise_stats=N`` / ``precise_bn_update``): re-estimate the running statistics
+  as the population statistics of N training batches before evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normbench.errors import UserError
+
+__all__ = [
+    "NormConfigError",
+    "BatchNorm",
+    "BatchRenorm",
+    "MeanOnlyBatchNorm",
+    "FilterResponseNorm",
+    "EvoNormS0",
+    "LocalResponseNorm",
+    "check_groups",
+    "precise_bn_update",
+    "precise_bn_batches",
+    "recording_batch_stats",
+    "batch_stat_gaps",
+]
+
+
+class NormConfigError(UserError, ValueError):
+    """A bad normalization option (name, option, group count, virtual batch). One-line message."""
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_groups(norm: str, num_channels: int, groups: int, group_size: int | None) -> int:
+    """Number of groups for a grouped norm; ``group_size`` (when set) takes precedence over ``groups``."""
+    if group_size is not None:
+        if group_size > num_channels or num_channels % group_size:
+            raise NormConfigError(
+                f"norm '{norm}': a layer with {num_channels} channels cannot be split into groups of "
+                f"group_size={group_size}; set norm.group_size to a divisor of {num_channels} "
+                f"({_divisors(num_channels)}) or set norm.group_size=null and use norm.groups"
+            )
+        return num_channels // group_size
+    if groups > num_channels or num_channels % groups:
+        raise NormConfigError(
+            f"norm '{norm}': a layer with {num_channels} channels cannot be split into groups={groups} "
+            f"(channels must be a multiple of groups); set norm.groups to a divisor of {num_channels} "
+            f"({_divisors(num_channels)}) or set norm.group_size"
+        )
+    return groups
+
+
+def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...) to broadcast against an (N, C, *spatial) tensor."""
+    return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _spatial_dims(x: torch.Tensor, layer: str) -> tuple[int, ...]:
+    if x.ndim < 3:
+        raise ValueError(f"{layer} expects (N, C, *spatial) feature maps, got shape {tuple(x.shape)}")
+    return tuple(range(2, x.ndim))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-statistics layers
+# --------------------------------------------------------------------------------------------
+
+
+class _BatchStatNorm(nn.Module):
+    """Base of every layer that normalizes with batch statistics in training.
+
+    Buffers: ``running_mean`` (C,) and, if the layer divides by a standard deviation,
+    ``running_var`` (C,) (unbiased, like torch's BatchNorm).
+    """
+
+    norm_name = "bn"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float,
+        eps: float,
+        virtual_batch: int | None,
+        precise_stats: int = 0,
+        track_var: bool = True,
+    ):
+        super().__init__()
+        self.num_features = num_features
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.virtual_batch = virtual_batch
+        self.precise_stats = int(precise_stats)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        if track_var:
+            self.register_buffer("running_var", torch.ones(num_features))
+        else:
+            self.register_buffer("running_var", None)
+        # Driven by recording_batch_stats / precise_bn_update (not state).
+        self._recording = False
+        self._frozen = False  # PreciseBN pass: normalize with batch stats, update nothing
+        self._precise_acc: list | None = None  # [count, mean, m2] while accumulating population stats
+        self.last_batch_mean: torch.Tensor | None = None
+        self.last_batch_var: torch.Tensor | None = None
+        self.last_gaps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"virtual_batch={self.virtual_batch}, precise_stats={self.precise_stats}"
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _num_groups(self, x: torch.Tensor) -> int:
+        n, k = x.shape[0], self.virtual_batch
+        if k is None or k == n:
+            return 1
+        if n % k:
+            raise NormConfigError(
+                f"norm '{self.norm_name}': virtual_batch={k} does not divide the training batch size {n}; "
+                f"set norm.virtual_batch to a divisor of every training batch size (or null), "
+                f"and drop incomplete last batches"
+            )
+        return n // k
+
+    def _grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """(N, C, *S) -> (G, N/G, C, prod(S)): group g holds samples g*k .. g*k+k-1."""
+        return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, groups: int) -> None:
+        """Record batch stats / accumulate population stats. Called in training before any update."""
+        x = x.detach().float()
+        if self._recording and not self._frozen:
+            xs = self._grouped(x, groups)
+            var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)  # (G, C), the stats used
+            self.last_batch_mean = mean.squeeze(0) if groups == 1 else mean
+            mean_gap = (mean - self.running_mean).abs().mean()
+            if self.running_var is None:
+                self.last_batch_var = None
+                var_gap = torch.zeros((), device=x.device, dtype=mean_gap.dtype)
+            else:
+                self.last_batch_var = var.squeeze(0) if groups == 1 else var
+                var_gap = ((var + self.eps).log() - (self.running_var + self.eps).log()).abs().mean()
+            self.last_gaps = (mean_gap, var_gap)
+        acc = self._precise_acc
+        if acc is not None:
+            # Chan et al. parallel update of (count, mean, M2) over the whole batch, per channel.
+            xs = x.transpose(0, 1).reshape(x.shape[1], -1)
+            n_b = xs.shape[1]
+            var_b, mean_b = torch.var_mean(xs, dim=1, unbiased=False)
+            m2_b = var_b * n_b
+            n_a, mean_a, m2_a = acc
+            if n_a == 0:
+                acc[:] = [n_b, mean_b, m2_b]
+            else:
+                n = n_a + n_b
+                delta = mean_b - mean_a
+                acc[:] = [n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)]
+
+    def _set_population_stats(self, acc: list) -> None:
+        n, mean, m2 = acc
+        if n == 0:
+            return
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            if self.running_var is not None:
+                self.running_var.copy_(m2 / max(n - 1, 1))
+
+
+class BatchNorm(_BatchStatNorm):
+    """Batch normalization (Ioffe & Szegedy 2015) with ghost batches and PreciseBN.
+
+    Training: per-channel statistics over (N, H, W) (biased variance, as in the paper and torch);
+    eval: running estimates. With ``virtual_batch=k`` the statistics are taken over each group of
+    k consecutive samples. Running statistics are then updated with the *mean of the per-group
+    statistics* (mean of group means, mean of unbiased group variances), i.e. exactly the average
+    of the G updates torch's BatchNorm would make if it saw the groups one after another from the
+    same starting point.
+    """
+
+    norm_name = "bn"
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        affine: bool = True,
+        virtual_batch: int | None = None,
+        precise_stats: int = 0,
+    ):
+        super().__init__(
+            num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats
+        )
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        groups = self._num_groups(x)
+        if self._recording or self._precise_acc is not None:
+            self._observe(x, groups)
+        update = not self._frozen
+        if groups == 1:
+            rm, rv = (self.running_mean, self.running_var) if update else (None, None)
+            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum, self.eps)
+        # Ghost batches: (N, C, *S) -> (k, G*C, *S), one F.batch_norm call over G*C "channels".
+        n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+        k = n // groups
+        xf = x.reshape(groups, k, c, *spatial).transpose(0, 1).reshape(k, groups * c, *spatial)
+        w = self.weight.repeat(groups) if self.weight is not None else None
+        b = self.bias.repeat(groups) if self.bias is not None else None
+        if update:
+            rm, rv = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+        else:
+            rm = rv = None
+        out = F.batch_norm(xf, rm, rv, w, b, True, self.momentum, self.eps)
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(rm.view(groups, c).mean(0))
+                self.running_var.copy_(rv.view(groups, c).mean(0))
+        return out.reshape(k, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
+
+
+class BatchRenorm(_BatchStatNorm):
+    """Batch renormalization (Ioffe 2017).
+
+    Training: y = ((x - mu_B) / sigma_B * r + d) * gamma + beta with
+    r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max),
+    r and d treated as constants (no gradient), sigma_B = sqrt(var_B + eps) (biased batch variance),
+    sigma = sqrt(running_var + eps). Eval: (x - mu) / sigma * gamma + beta.
+
+    The moving statistics are kept as mean and (unbiased) variance like BatchNorm, and updated
+    every training step with ``momentum``: mu += momentum * (mu_B - mu), var += momentum * (var_B - var).
+
+    Clipping limits follow the paper's schedule: r_max = 1, d_max = 0 for the first
+    ``relax_start`` training steps, then linear ramps reaching ``r_max`` after ``r_relax_steps``
+    more steps and ``d_max`` after ``d_relax_steps`` more steps (paper: 5k, r_max=3 at 40k,
+    d_max=5 at 25k). Steps are counted in the buffer ``num_steps`` (one per training forward),
+    so the schedule survives state_dict save/load. The limits are computed on-device (no sync).
+    """
+
+    norm_name = "brn"
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float = 0.01,
+        eps: float = 1e-5,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        relax_start: int = 5000,
+        r_relax_steps: int = 35000,
+        d_relax_steps: int = 20000,
+        virtual_batch: int | None = None,
+        precise_stats: int = 0,
+    ):
+        super().__init__(
+            num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats
+        )
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.relax_start = int(relax_start)
+        self.r_relax_steps = int(r_relax_steps)
+        self.d_relax_steps = int(d_relax_steps)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _ramp(self, length: int) -> torch.Tensor:
+        t = self.num_steps.to(torch.float32) - self.relax_start
+        if length <= 0:
+            return (t >= 0).to(torch.float32)
+        return (t / length).clamp(0.0, 1.0)
+
+    def current_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) in force at the current step, as 0-dim tensors."""
+        r_lim = 1.0 + (self.r_max - 1.0) * self._ramp(self.r_relax_steps)
+        d_lim = self.d_max * self._ramp(self.d_relax_steps)
+        return r_lim, d_lim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        groups = self._num_groups(x)
+        if self._recording or self._precise_acc is not None:
+            self._observe(x, groups)
+        xs = self._grouped(x, groups)  # (G, k, C, S)
+        # statistics in float32 even under autocast (running buffers are float32)
+        var_b, mean_b = torch.var_mean(xs.float(), dim=(1, 3), unbiased=False)  # (G, C)
+        std_b = (var_b + self.eps).sqrt()
+        with torch.no_grad():
+            std = (self.running_var + self.eps).sqrt()
+            r_lim, d_lim = self.current_limits()
+            r = torch.clamp(std_b / std, min=1.0 / r_lim, max=r_lim)
+            d = torch.clamp((mean_b - self.running_mean) / std, min=-d_lim, max=d_lim)
+        # (x - mu_B) / sigma_B * r + d  ==  x * scale + shift, gradients through mu_B, sigma_B only.
+        scale = r / std_b
+        shift = d - mean_b * scale
+        if self.weight is not None:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        out = xs * scale.unsqueeze(1).unsqueeze(-1) + shift.unsqueeze(1).unsqueeze(-1)
+        if not self._frozen:
+            with torch.no_grad():
+                n = xs.shape[1] * xs.shape[3]
+                unbiased = var_b * (n / max(n - 1, 1))
+                self.running_mean.lerp_(mean_b.mean(0), self.momentum)
+                self.running_var.lerp_(unbiased.mean(0), self.momentum)
+                self.num_steps += 1
+        return out.reshape(x.shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", r_max={self.r_max}, d_max={self.d_max}, relax_start={self.relax_start}, "
+            f"r_relax_steps={self.r_relax_steps}, d_relax_steps={self.d_relax_steps}"
+        )
+
+
+class MeanOnlyBatchNorm(_BatchStatNorm):
+    """Mean-only batch norm (Salimans & Kingma 2016), used with weight normalization.
+
+    Training: y = x - mu_B + beta (per-channel batch mean over (N, H, W), no division by a
+    standard deviation); eval: y = x - running_mean + beta. Learned bias beta (C,), init 0.
+    """
+
+    norm_name = "wn"
+
+    def __init__(self, num_features: int, momentum: float = 0.1, virtual_batch: int | None = None):
+        super().__init__(num_features, momentum=momentum, eps=0.0, virtual_batch=virtual_batch, track_var=False)
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return (x - _chan(self.running_mean - self.bias, x.ndim)).to(x.dtype)
+        groups = self._num_groups(x)
+        if self._recording or self._precise_acc is not None:
+            self._observe(x, groups)
+        xs = self._grouped(x, groups)
+        mean_b = xs.float().mean(dim=(1, 3))  # (G, C), float32 even under autocast
+        out = xs - mean_b.unsqueeze(1).unsqueeze(-1) + self.bias.view(1, 1, -1, 1)
+        if not self._frozen:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean_b.mean(0), self.momentum)
+        return out.reshape(x.shape).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-independent layers
+# --------------------------------------------------------------------------------------------
+
+
+class FilterResponseNorm(nn.Module):
+    """Filter response normalization + TLU (Singh & Krishnan 2019).
+
+    nu2 = mean(x^2 over H, W); x_hat = x / sqrt(nu2 + |eps|); y = gamma * x_hat + beta;
+    out = max(y, tau). With ``learnable_eps`` the epsilon is eps + |eps_l|, eps_l a learned
+    per-layer scalar initialised to 1e-4 (as in the paper).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.tau = nn.Parameter(torch.zeros(num_features))
+        self.eps_learned = nn.Parameter(torch.full((1,), 1e-4)) if learnable_eps else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nu2 = x.square().mean(dim=_spatial_dims(x, "FilterResponseNorm"), keepdim=True)
+        eps = abs(self.eps) if self.eps_learned is None else abs(self.eps) + self.eps_learned.abs()
+        y = x * torch.rsqrt(nu2 + eps) * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+        return torch.maximum(y, _chan(self.tau, x.ndim))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}"
+
+
+class EvoNormS0(nn.Module):
+    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v * x) / group_std(x) * gamma + beta.
+
+    group_std over (C/G, H, W) per sample and group: sqrt(var + eps) (biased variance);
+    v, gamma init 1, beta init 0, all per channel.
+    """
+
+    def __init__(self, num_features: int, groups: int = 8, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.groups = groups
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.v = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _spatial_dims(x, "EvoNormS0")
+        n = x.shape[0]
+        var = x.reshape(n, self.groups, -1).var(dim=2, unbiased=False, keepdim=True)
+        num = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
+        y = (num.reshape(n, self.groups, -1) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        return y * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
+
+
+class LocalResponseNorm(nn.Module):
+    """Local response normalization across channels as in AlexNet (Krizhevsky et al. 2012).
+
+    b_c = a_c / (k + alpha * sum_{c' in [c - size//2, c + size//2]} a_{c'}^2) ** beta,
+    with AlexNet's *un-averaged* alpha (torch's ``LocalResponseNorm`` divides alpha by size, so we
+    pass alpha * size). Optional per-channel affine after it.
+    """
+
+    def __init__(
+        self, num_features: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+        affine: bool = True,
+    ):
+        super().__init__()
+        self.num_features = num_features
+        self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.local_response_norm(x, self.size, self.alpha * self.size, self.beta, self.k)
+        if self.weight is not None:
+            y = y * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+# --------------------------------------------------------------------------------------------
+# PreciseBN and batch-stat recording
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_stat_modules(model: nn.Module) -> list[_BatchStatNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchStatNorm)]
+
+
+def precise_bn_batches(model: nn.Module) -> int:
+    """How many training batches ``precise_bn_update`` wants (max ``precise_stats``; 0 = none)."""
+    return max((m.precise_stats for m in _batch_stat_modules(model)), default=0)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def precise_bn_update(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """PreciseBN: set running stats of layers with ``precise_stats=N>0`` to population statistics.
+
+    Runs the model in training mode (so each layer sees the activations it sees in training,
+    normalized with batch statistics, ghost batches included) on the first N input batches of
+    ``batches`` without gradients and without touching any running statistic or step counter;
+    then each such layer's running mean / running var become the exact mean / unbiased variance
+    of its inputs over all samples and positions of its N batches. Weights are untouched; every
+    module's train/eval flag is restored. No-op (``batches`` not consumed) if no layer asks for it.
+    Items of ``batches`` may be tensors or (x, ...) tuples.
+    """
+    wanted = [m for m in _batch_stat_modules(model) if m.precise_stats > 0]
+    if not wanted:
+        return model
+    n_max = max(m.precise_stats for m in wanted)
+    all_bs = _batch_stat_modules(model)
+    modes = [(m, m.training) for m in model.modules()]
+    device = _model_device(model)
+    accs = {m: [0, None, None] for m in wanted}
+    try:
+        model.train()
+        for m in all_bs:
+            m._frozen = True
+        with torch.no_grad():
+            for i, x in enumerate(itertools.islice(iter(batches), n_max)):
+                if isinstance(x, (tuple, list)):
+                    x = x[0]
+                if device is not None:
+                    x = x.to(device, non_blocking=True)
+                for m in wanted:
+                    m._precise_acc = accs[m] if i < m.precise_stats else None
+                model(x)
+        for m in wanted:
+            m._set_population_stats(accs[m])
+    finally:
+        for m in all_bs:
+            m._frozen = False
+            m._precise_acc = None
+        for m, mode in modes:
+            m.training = mode
+    return model
+
+
+@contextlib.contextmanager
+def recording_batch_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """While active, batch-statistics layers keep the detached batch mean/var of each training
+    forward (``last_batch_mean``, ``last_batch_var``; shape (C,), or (G, C) with ghost batches)
+    and their gap to the running statistics (read with ``batch_stat_gaps``). Old records are
+    cleared on entry; the last ones stay readable after exit. Eval-mode forwards record nothing.
+    """
+    mods = _batch_stat_modules(model)
+    for m in mods:
+        m.last_batch_mean = m.last_batch_var = m.last_gaps = None
+        m._recording = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m._recording = False
+
+
+def batch_stat_gaps(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per recorded layer (module name): (mean |mu_B - running_mean|, mean |log(var_B + eps) -
+    log(running_var + eps)|), averaged over channels (and ghost groups), as 0-dim tensors, with
+    the running stats as they were *before* that forward's update (what eval would have used).
+    The variance gap is 0 for mean-only BN, which divides by no variance.
+    """
+    return {
+        name: m.last_gaps
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchStatNorm) and m.last_gaps is not None
+    }

@@ -1,0 +1,157 @@
+"""Weight reparametrizations (wn, sn, gn_ws) through ``torch.nn.utils.parametrize``.
+
+``apply_weight_reparam(model, name, **options)`` is the one entry point: after the model is
+built (and before the optimizer is), it reparametrizes every ``nn.Conv2d`` and ``nn.Linear``
+weight (gn_ws: ``nn.Conv2d`` only):
+
+* wn: w = g * v / ||v|| per output channel. torch's own
+  ``torch.nn.utils.parametrizations.weight_norm`` (g = ``original0``, v = ``original1``), or,
+  with ``exp_g=True``, ``ExpGainWeightNorm`` (g = exp(s), s = ``original0`` trained).
+* sn: w / sigma_max(w), torch's ``spectral_norm`` (one persistent u per layer, power iteration
+  in training forwards).
+* gn_ws: ``WeightStandardization``: (w - mean) / sqrt(var + eps) per output channel over
+  (in_ch, kh, kw) (biased variance, eps inside the square root, as in Qiao et al.).
+
+wn (without mean-only BN) and sn leave the norm slot as Identity, so a bias-free layer would have
+no per-channel shift at all (the replaced norm's beta is gone); such layers get a zero-initialised
+bias, which is also the bias b of Salimans & Kingma's t = w.x + b that data-dependent init sets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+from normbench.norms.registry import NORMS, resolve_options
+
+__all__ = ["ExpGainWeightNorm", "WeightStandardization", "apply_weight_reparam", "data_dependent_init"]
+
+_INIT_FLAG = "wn_init_done"
+
+
+def _out_channel_norm(w: torch.Tensor) -> torch.Tensor:
+    """||w|| per output channel (dim 0), shaped to broadcast against w."""
+    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.ndim - 1)))
+
+
+class ExpGainWeightNorm(nn.Module):
+    """Weight norm with log-parametrized gain: w = exp(s) * v / ||v|| (per output channel)."""
+
+    def forward(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return v * (s.exp() / _out_channel_norm(v))
+
+    def right_inverse(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _out_channel_norm(w).log(), w
+
+
+class WeightStandardization(nn.Module):
+    """w_hat = (w - mean) / sqrt(var + eps) per output channel over all other dims (biased var)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, w.ndim))
+        var, mean = torch.var_mean(w, dim=dims, keepdim=True, unbiased=False)
+        return (w - mean) * torch.rsqrt(var + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def _ensure_bias(mod: nn.Module) -> None:
+    if mod.bias is None:
+        w = mod.weight
+        mod.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+
+
+def apply_weight_reparam(model: nn.Module, name: str, **options) -> nn.Module:
+    """Reparametrize the weights of ``model`` in place for weight-kind norm ``name``; returns ``model``.
+
+    No-op for activation norms. Options are validated like ``build_norm``'s (same names; those that
+    belong to the norm slot, e.g. virtual_batch, are ignored here). Layers already parametrized are
+    skipped, so calling it twice is harmless. With wn and init='data', each layer gets a bool buffer
+    ``wn_init_done`` (in its state_dict) that ``data_dependent_init`` checks and sets.
+    """
+    opts = resolve_options(name, options)
+    if NORMS[name].kind != "weight":
+        return model
+    for mod in list(model.modules()):
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or parametrize.is_parametrized(mod, "weight"):
+            continue
+        if name == "wn":
+            if not opts["mean_only_bn"]:
+                _ensure_bias(mod)
+            if opts["init"] == "data":
+                mod.register_buffer(_INIT_FLAG, torch.zeros((), dtype=torch.bool, device=mod.weight.device))
+            if opts["exp_g"]:
+                parametrize.register_parametrization(mod, "weight", ExpGainWeightNorm())
+            else:
+                weight_norm(mod, "weight", dim=0)
+        elif name == "sn":
+            _ensure_bias(mod)
+            spectral_norm(mod, "weight", n_power_iterations=opts["n_power_iterations"])
+        elif name == "gn_ws" and isinstance(mod, nn.Conv2d):
+            parametrize.register_parametrization(mod, "weight", WeightStandardization(opts["ws_eps"]))
+    return model
+
+
+def _wn_init_hook(mod: nn.Module, args, out: torch.Tensor):
+    flag = getattr(mod, _INIT_FLAG)
+    if bool(flag):  # layer called twice in one forward: already initialised
+        return None
+    param = mod.parametrizations.weight
+    g_raw = param.original0
+    exp_g = isinstance(param[0], ExpGainWeightNorm)
+    g = g_raw.exp() if exp_g else g_raw
+    cdim = out.ndim - 1 if isinstance(mod, nn.Linear) else 1
+    shape = [1] * out.ndim
+    shape[cdim] = -1
+    u = out if mod.bias is None else out - mod.bias.view(shape)
+    u = u / g.reshape(shape)  # u = (v / ||v||) . x, the pre-activation with g = 1, b = 0
+    dims = tuple(d for d in range(out.ndim) if d != cdim)
+    if out.numel() // out.shape[cdim] < 2:
+        raise ValueError(
+            "data_dependent_init: a weight-normalized layer sees only one value per output channel in this "
+            f"batch (output shape {tuple(out.shape)}); pass a larger init batch (e.g. 128 training samples)"
+        )
+    var, mean = torch.var_mean(u, dim=dims, unbiased=False)
+    inv_std = torch.rsqrt(var + 1e-10)
+    g_raw.copy_((inv_std.log() if exp_g else inv_std).view_as(g_raw))
+    new = u * inv_std.view(shape)
+    if mod.bias is not None:
+        mod.bias.copy_(-mean * inv_std)
+        new = new - (mean * inv_std).view(shape)
+    flag.fill_(True)
+    return new
+
+
+def data_dependent_init(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Salimans & Kingma's data-dependent init of weight-normalized layers (wn, init='data').
+
+    One forward of batch ``x`` (no gradients, current train/eval mode): as each not-yet-initialised
+    WN layer runs, its pre-activations t = g * (v/||v||).x + b are measured on the batch, and
+    g = 1/std (s = log(1/std) with exp_g), b = -mean/std are set per output channel, so that t has
+    mean 0 and std 1; the layer then passes the *initialised* output on, so later layers are
+    initialised on activations of the already-initialised earlier ones. Layers without a bias
+    (wn with mean_only_bn, whose BN removes the mean) get only g. Each layer's ``wn_init_done``
+    buffer is set, so calling again, or after loading a state_dict, does nothing. No-op when the
+    model has no such layer. The batch need not be a training batch of the run's batch size: with
+    batch size 1 a Linear layer sees one value per channel (std 0), so pass a larger init batch
+    (ValueError if a layer sees fewer than 2 values per output channel).
+    """
+    todo = [m for m in model.modules() if isinstance(getattr(m, _INIT_FLAG, None), torch.Tensor)]
+    todo = [m for m in todo if not bool(getattr(m, _INIT_FLAG))]
+    if not todo:
+        return model
+    handles = [m.register_forward_hook(_wn_init_hook) for m in todo]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return model

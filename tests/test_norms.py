@@ -1,0 +1,705 @@
+"""Tests of normbench.norms: layer definitions, registry <-> conf/norm yaml, weight reparams, PreciseBN."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
+
+from normbench.errors import UserError
+from normbench.norms import (
+    NORMS,
+    NormConfigError,
+    NormInfo,
+    apply_weight_reparam,
+    batch_stat_gaps,
+    build_norm,
+    data_dependent_init,
+    is_batch_dependent,
+    list_norms,
+    norm_layer_factory,
+    precise_bn_batches,
+    precise_bn_update,
+    print_norms,
+    recording_batch_stats,
+)
+from normbench.norms.activation import MeanOnlyBatchNorm
+
+torch.set_num_threads(1)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "norm"
+EXPECTED_NAMES = ["none", "bn", "ln", "in", "gn", "brn", "lrn", "frn", "evonorm_s0", "wn", "sn", "gn_ws"]
+
+
+def structured_input(n=4, c=16, h=5, w=6, seed=0) -> torch.Tensor:
+    """Input whose per-sample, per-channel and per-row means and scales all differ, so that a
+    norm normalizing over the wrong axes leaves visibly non-normalized units."""
+    g = torch.Generator().manual_seed(seed)
+    off = 3 * torch.randn(n, c, 1, 1, generator=g)  # per (sample, channel) offset
+    scale = 0.5 + 3 * torch.rand(n, c, 1, 1, generator=g)  # per (sample, channel) scale
+    row = 2 * torch.randn(n, c, h, 1, generator=g)  # per (sample, channel, row) offset
+    return off + scale * (row + torch.randn(n, c, h, w, generator=g))
+
+
+def units(y: torch.Tensor, grouping: str, groups: int = 8) -> torch.Tensor:
+    """(units, elements): the sets of values a norm would normalize together under ``grouping``."""
+    n, c = y.shape[:2]
+    if grouping == "bn":  # per channel over (N, H, W)
+        return y.transpose(0, 1).reshape(c, -1)
+    if grouping == "ln":  # per sample over (C, H, W)
+        return y.reshape(n, -1)
+    if grouping == "gn":  # per sample and group over (C/G, H, W)
+        return y.reshape(n * groups, -1)
+    if grouping == "in":  # per sample and channel over (H, W)
+        return y.reshape(n * c, -1)
+    if grouping == "row":  # per sample, channel, row over W
+        return y.reshape(-1, y.shape[-1])
+    raise AssertionError(grouping)
+
+
+def is_standardized(y, grouping, tol=1e-3) -> bool:
+    u = units(y, grouping)
+    mean, var = u.mean(1), u.var(1, unbiased=False)
+    return bool((mean.abs().max() < tol) and ((var - 1).abs().max() < tol))
+
+
+# Positive: groupings a norm standardizes (its own axes + coarser groupings implied by them).
+# Negative: groupings it must NOT standardize.
+AXES = {
+    "bn": ({"bn"}, {"ln", "gn", "in", "row"}),
+    "brn": ({"bn"}, {"ln", "gn", "in", "row"}),
+    "ln": ({"ln"}, {"bn", "gn", "in", "row"}),
+    "gn": ({"gn", "ln"}, {"bn", "in", "row"}),
+    "gn_ws": ({"gn", "ln"}, {"bn", "in", "row"}),
+    "in": ({"in", "gn", "ln", "bn"}, {"row"}),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Registry, options, yaml
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_names_and_info():
+    assert list_norms() == EXPECTED_NAMES == list(NORMS)
+    for name, info in NORMS.items():
+        assert isinstance(info, NormInfo) and info.name == name
+        assert info.kind in ("activation", "weight")
+        assert info.description and "\n" not in info.description
+        assert "virtual_batch" in info.options and info.options["virtual_batch"] is None
+    assert {n for n, i in NORMS.items() if i.kind == "weight"} == {"wn", "sn", "gn_ws"}
+
+
+def test_yaml_mirrors_registry():
+    files = sorted(CONF_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} == set(NORMS)
+    for f in files:
+        raw = yaml.safe_load(f.read_text())
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        for d in (raw, cfg):
+            assert d["name"] == f.stem
+            opts = {k: v for k, v in d.items() if k != "name"}
+            defaults = dict(NORMS[f.stem].options)
+            assert list(opts) == list(defaults), f.name  # same set, same order
+            for k, v in opts.items():
+                assert v == defaults[k] and type(v) is type(defaults[k]), (f.name, k, v, defaults[k])
+        # The model builder's exact call must work.
+        c = OmegaConf.load(f)
+        m = build_norm(c.name, 16, **{k: v for k, v in c.items() if k != "name"})
+        assert isinstance(m, nn.Module)
+
+
+def test_unknown_name_and_option_errors():
+    with pytest.raises(NormConfigError) as e:
+        build_norm("batchnorm", 8)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in EXPECTED_NAMES)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+    with pytest.raises(NormConfigError, match="unknown option"):
+        norm_layer_factory("bn", groups=4)  # eager validation
+    with pytest.raises(NormConfigError, match="momentum"):
+        build_norm("bn", 8, momentum=2.0)
+    with pytest.raises(NormConfigError, match="virtual_batch"):
+        build_norm("bn", 8, virtual_batch=0)
+    with pytest.raises(NormConfigError, match="init"):
+        apply_weight_reparam(nn.Conv2d(2, 2, 1), "wn", init="lsuv")
+    # None means default.
+    bn = build_norm("bn", 8, momentum=None, eps=None, virtual_batch=None)
+    assert bn.momentum == 0.1 and bn.eps == 1e-5
+
+
+def test_norm_layer_factory_and_batch_dependence():
+    f = norm_layer_factory("gn", groups=4, eps=1e-3)
+    m = f(16)
+    assert isinstance(m, nn.GroupNorm) and m.num_groups == 4 and m.eps == 1e-3 and m.num_channels == 16
+    dep = {n for n in NORMS if is_batch_dependent(n)}
+    assert dep == {"bn", "brn"}
+    assert is_batch_dependent("wn", mean_only_bn=True)
+    assert isinstance(build_norm("wn", 8, mean_only_bn=True), MeanOnlyBatchNorm)
+    for n in ("wn", "sn"):
+        assert isinstance(build_norm(n, 8), nn.Identity)
+    assert isinstance(build_norm("gn_ws", 16), nn.GroupNorm)
+
+
+def test_print_norms(capsys):
+    print_norms()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == EXPECTED_NAMES
+    assert all(NORMS[ln.split()[0]].description in ln for ln in lines)
+
+
+@pytest.mark.parametrize("name", ["gn", "evonorm_s0", "gn_ws"])
+def test_group_count_incompatible_raises(name):
+    with pytest.raises(NormConfigError) as e:
+        build_norm(name, 12, groups=8)
+    msg = str(e.value)
+    assert "12" in msg and "groups=8" in msg and "\n" not in msg
+    with pytest.raises(NormConfigError, match="12"):
+        norm_layer_factory(name, groups=8)(12)
+    with pytest.raises(NormConfigError, match="4"):
+        build_norm(name, 4, groups=8)  # fewer channels than groups
+    with pytest.raises(NormConfigError, match="group_size=5"):
+        build_norm(name, 12, group_size=5)
+    assert build_norm(name, 12, groups=4) is not None
+    assert build_norm(name, 12, group_size=3) is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Normalization axes, affine parameters, batch size 1 / 2
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(AXES))
+def test_normalization_axes(name):
+    torch.manual_seed(0)
+    x = structured_input()
+    m = build_norm(name, x.shape[1]).train()
+    y = m(x).detach()
+    pos, neg = AXES[name]
+    for g in pos:
+        assert is_standardized(y, g), (name, g)
+    for g in neg:
+        assert not is_standardized(y, g, tol=0.1), (name, g)
+    # the input itself is standardized along no grouping (so the negative checks mean something)
+    assert not any(is_standardized(x, g, tol=0.1) for g in ("bn", "ln", "gn", "in", "row"))
+
+
+def test_mean_only_bn_axes():
+    x = structured_input()
+    m = build_norm("wn", x.shape[1], mean_only_bn=True).train()
+    y = m(x).detach()
+    u = units(y, "bn")
+    assert u.mean(1).abs().max() < 1e-4
+    assert (u.var(1, unbiased=False) - 1).abs().max() > 0.5  # no variance division
+    assert units(y, "in").mean(1).abs().max() > 0.1
+    m.eval()
+    torch.testing.assert_close(m(x), x - m.running_mean.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1))
+
+
+def test_frn_normalizes_second_moment_over_hw():
+    x = structured_input()
+    m = build_norm("frn", x.shape[1]).train()
+    with torch.no_grad():
+        m.tau.fill_(-1e9)  # disable TLU to look at gamma*x_hat+beta
+    y = m(x).detach()
+    u = units(y, "in")
+    assert (u.square().mean(1) - 1).abs().max() < 1e-3  # nu^2 over (H, W) = 1
+    assert u.mean(1).abs().max() > 0.1  # not centred
+    assert (units(y, "row").square().mean(1) - 1).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED_NAMES if n != "none"])
+def test_per_channel_affine(name):
+    c = 16
+    m = build_norm(name, c)
+    params = dict(m.named_parameters())
+    if name in ("wn", "sn"):
+        assert not params
+        return
+    assert params, name
+    for pname, p in params.items():
+        assert p.shape == (c,), (name, pname, p.shape)
+    if "weight" in params:
+        assert torch.equal(params["weight"], torch.ones(c))
+    assert torch.equal(params["bias"], torch.zeros(c))
+    if name not in ("frn", "evonorm_s0"):
+        assert not dict(build_norm(name, c, affine=False).named_parameters())
+    assert isinstance(build_norm("wn", c, mean_only_bn=True).bias, nn.Parameter)
+
+
+def small_convnet(name: str, c: int = 16, **opts) -> nn.Module:
+    norm = norm_layer_factory(name, **opts)
+    model = nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10),
+    )
+    return apply_weight_reparam(model, name, **opts)
+
+
+@pytest.mark.parametrize("name", EXPECTED_NAMES)
+@pytest.mark.parametrize("bs", [1, 2])
+def test_trains_at_batch_size_1_and_2(name, bs):
+    torch.manual_seed(0)
+    opts = {"init": "data"} if name == "wn" else {}
+    model = small_convnet(name, **opts).train()
+    x = torch.randn(bs, 3, 4, 4)
+    data_dependent_init(model, torch.randn(8, 3, 4, 4))  # init batch larger than the training batch
+    loss = F.cross_entropy(model(x), torch.arange(bs))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Batch norm
+# ------------------------------------------------------------------------------------------
+
+
+def _bn_ref(x, mean, var, w, b, eps):
+    shape = (1, -1, 1, 1)
+    return (x - mean.view(shape)) / (var.view(shape) + eps).sqrt() * w.view(shape) + b.view(shape)
+
+
+def test_bn_train_vs_eval():
+    torch.manual_seed(0)
+    x = structured_input(c=3)
+    bn = build_norm("bn", 3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        bn.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+        bn.running_var.copy_(torch.tensor([2.0, 0.5, 4.0]))
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    y_train = bn.train()(x)
+    bm, bv = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(y_train, _bn_ref(x, bm, bv, bn.weight, bn.bias, 1e-5))
+    # running stats: momentum update with the unbiased batch variance
+    n = x.numel() / 3
+    torch.testing.assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * bm)
+    torch.testing.assert_close(bn.running_var, 0.9 * rv0 + 0.1 * bv * n / (n - 1))
+    y_eval = bn.eval()(x)
+    torch.testing.assert_close(y_eval, _bn_ref(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, 1e-5))
+    assert (y_train - y_eval).abs().max() > 0.5
+
+
+def test_bn_running_stats_converge():
+    torch.manual_seed(0)
+    mu, sigma = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 2.0, 1.0])
+    bn = build_norm("bn", 3).train()
+    for _ in range(150):
+        bn(mu.view(1, 3, 1, 1) + sigma.view(1, 3, 1, 1) * torch.randn(8, 3, 4, 4))
+    torch.testing.assert_close(bn.running_mean, mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(bn.running_var, sigma**2, atol=0, rtol=0.1)
+
+
+def test_bn_virtual_batch_equals_separate_groups():
+    torch.manual_seed(0)
+    x = structured_input(n=6, c=3)
+    w, b = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3])
+    bn = build_norm("bn", 3, virtual_batch=2).train()
+    with torch.no_grad():
+        bn.weight.copy_(w)
+        bn.bias.copy_(b)
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    rms, rvs, outs = [], [], []
+    for chunk in x.split(2):
+        rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
+        outs.append(F.batch_norm(chunk, rm, rv, w, b, True, 0.1, 1e-5))
+        rms.append(rm)
+        rvs.append(rv)
+    y = bn(x)
+    torch.testing.assert_close(y, torch.cat(outs))
+    torch.testing.assert_close(bn.running_mean, torch.stack(rms).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack(rvs).mean(0))
+    # differs from full-batch BN
+    assert (y - F.batch_norm(x, None, None, w, b, True)).abs().max() > 0.1
+    with pytest.raises(NormConfigError, match="virtual_batch=2 does not divide the training batch size 5"):
+        bn(x[:5])
+    bn.eval()(x[:5])  # eval does not use batch statistics
+
+
+@pytest.mark.parametrize("virtual_batch", [None, 2])
+def test_precise_bn_gives_population_stats(virtual_batch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    bn = build_norm("bn", 4, precise_stats=5, virtual_batch=virtual_batch, momentum=0.1)
+    model = nn.Sequential(conv, bn)
+    # stale running stats from differently distributed data
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6) * 0.5 - 1.0)
+    batches = [torch.randn(4, 3, 6, 6) * 3 + 2 for _ in range(7)]
+    with torch.no_grad():
+        h = torch.cat([conv(xb) for xb in batches[:5]])
+    pop_mean, pop_var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)
+    before = (bn.running_mean - pop_mean).abs().max()
+    w0 = conv.weight.clone()
+    model.eval()
+    assert precise_bn_batches(model) == 5
+    it = iter(batches)
+    precise_bn_update(model, it)
+    assert len(list(it)) == 2  # used exactly 5 batches
+    assert not model.training and not bn.training
+    assert torch.equal(conv.weight, w0)
+    assert before > 0.5
+    torch.testing.assert_close(bn.running_mean, pop_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, pop_var, atol=1e-4, rtol=1e-4)
+
+
+def test_precise_bn_noop_without_request():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), build_norm("bn", 4))
+    assert precise_bn_batches(model) == 0
+    sd = copy.deepcopy(model.state_dict())
+    it = iter([torch.randn(2, 3, 5, 5) for _ in range(3)])
+    precise_bn_update(model, it)
+    assert len(list(it)) == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+# ------------------------------------------------------------------------------------------
+# Batch renormalization
+# ------------------------------------------------------------------------------------------
+
+
+def _set_stats(m, mean, var, w=None, b=None):
+    with torch.no_grad():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        if w is not None:
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+
+
+def test_brn_with_unit_limits_equals_bn():
+    torch.manual_seed(0)
+    x = structured_input(c=3)
+    w, b = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3])
+    rm, rv = torch.tensor([5.0, -3.0, 0.5]), torch.tensor([9.0, 0.1, 4.0])
+    for opts in ({"r_max": 1.0, "d_max": 0.0, "relax_start": 0, "r_relax_steps": 0, "d_relax_steps": 0}, {}):
+        brn = build_norm("brn", 3, **opts).train()
+        bn = build_norm("bn", 3, momentum=0.01).train()
+        _set_stats(brn, rm, rv, w, b)
+        _set_stats(bn, rm, rv, w, b)
+        torch.testing.assert_close(brn(x), bn(x))
+        torch.testing.assert_close(brn.running_mean, bn.running_mean)
+        torch.testing.assert_close(brn.running_var, bn.running_var)
+        torch.testing.assert_close(brn.eval()(x), bn.eval()(x))
+
+
+def test_brn_clipping_formula():
+    torch.manual_seed(0)
+    x = structured_input(n=4, c=4)
+    bm, bv = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    eps = 1e-5
+    sb = (bv + eps).sqrt()
+    # channel 0: r clipped up, 1: r clipped down, 2: unclipped; d: 0 clipped +, 1 clipped -, 2/3 inside
+    rv = torch.stack([bv[0] / 4, bv[1] * 4, bv[2] * 1.1, bv[3]])
+    sig = (rv + eps).sqrt()
+    rm = torch.stack([bm[0] - 2 * sig[0], bm[1] + 2 * sig[1], bm[2] - 0.2 * sig[2], bm[3] + 0.3 * sig[3]])
+    w, b = torch.tensor([1.5, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
+    brn = build_norm("brn", 4, r_max=1.5, d_max=0.5, relax_start=0, r_relax_steps=0, d_relax_steps=0).train()
+    _set_stats(brn, rm, rv, w, b)
+    r = (sb / sig).clamp(1 / 1.5, 1.5)
+    d = ((bm - rm) / sig).clamp(-0.5, 0.5)
+    assert r[0] == 1.5 and r[1] == pytest.approx(1 / 1.5) and 1 / 1.5 < r[2] < 1.5
+    assert d[0] == 0.5 and d[1] == -0.5 and abs(d[2]) < 0.5
+    s = (1, -1, 1, 1)
+    expected = ((x - bm.view(s)) / sb.view(s) * r.view(s) + d.view(s)) * w.view(s) + b.view(s)
+    torch.testing.assert_close(brn(x), expected)
+    # moving statistics updated with momentum 0.01 after the step
+    n = x.numel() / 4
+    torch.testing.assert_close(brn.running_mean, rm + 0.01 * (bm - rm))
+    torch.testing.assert_close(brn.running_var, rv + 0.01 * (bv * n / (n - 1) - rv))
+    # eval: (x - mu) / sigma with the moving statistics
+    brn.eval()
+    torch.testing.assert_close(
+        brn(x), _bn_ref(x, brn.running_mean, brn.running_var, brn.weight, brn.bias, eps)
+    )
+
+
+def test_brn_relaxation_schedule_and_state_dict():
+    brn = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_start=2, r_relax_steps=4, d_relax_steps=2).train()
+    x = torch.randn(2, 2, 3, 3)
+    seen = []
+    for _ in range(7):
+        r, d = brn.current_limits()
+        seen.append((round(float(r), 6), round(float(d), 6)))
+        brn(x)
+    assert seen == [(1, 0), (1, 0), (1, 0), (1.5, 2.5), (2, 5), (2.5, 5), (3, 5)]
+    assert int(brn.num_steps) == 7
+    brn.eval()(x)  # eval does not count
+    assert int(brn.num_steps) == 7
+    fresh = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_start=2, r_relax_steps=4, d_relax_steps=2)
+    fresh.load_state_dict(brn.state_dict())
+    assert int(fresh.num_steps) == 7 and float(fresh.current_limits()[0]) == 3.0
+
+
+def test_brn_no_gradient_through_r_and_d():
+    torch.manual_seed(0)
+    x0 = structured_input(n=4, c=3)
+    bm, bv = x0.mean((0, 2, 3)), x0.var((0, 2, 3), unbiased=False)
+    rm, rv = bm + torch.tensor([0.5, -0.3, 0.2]), bv * torch.tensor([2.0, 0.6, 1.3])  # r != 1, d != 0, unclipped
+    brn = build_norm("brn", 3, r_max=10.0, d_max=10.0, relax_start=0, r_relax_steps=0, d_relax_steps=0).train()
+    _set_stats(brn, rm, rv)
+    upstream = torch.randn_like(x0)
+
+    x = x0.clone().requires_grad_()
+    (brn(x) * upstream).sum().backward()
+    grad_layer = x.grad
+
+    def manual(detach: bool):
+        x = x0.clone().requires_grad_()
+        mean = x.mean((0, 2, 3), keepdim=True)
+        std_b = (x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+        sig = (rv.view(1, -1, 1, 1) + 1e-5).sqrt()
+        r, d = std_b / sig, (mean - rm.view(1, -1, 1, 1)) / sig
+        if detach:
+            r, d = r.detach(), d.detach()
+        ((((x - mean) / std_b * r + d)) * upstream).sum().backward()
+        return x.grad
+
+    torch.testing.assert_close(grad_layer, manual(detach=True))
+    assert (grad_layer - manual(detach=False)).abs().max() > 1e-2  # the test can tell the difference
+
+
+# ------------------------------------------------------------------------------------------
+# Batch-independent layers against their formulas
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learnable_eps", [False, True])
+def test_frn_formula(learnable_eps):
+    torch.manual_seed(0)
+    x = structured_input(n=2, c=4)
+    m = build_norm("frn", 4, eps=1e-6, learnable_eps=learnable_eps)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
+        m.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        m.tau.copy_(torch.tensor([-0.5, 0.0, 0.2, -2.0]))
+    eps = 1e-6 + (abs(m.eps_learned.item()) if learnable_eps else 0.0)
+    if learnable_eps:
+        assert m.eps_learned.item() == pytest.approx(1e-4)
+    s = (1, -1, 1, 1)
+    nu2 = (x**2).mean(dim=(2, 3), keepdim=True)
+    y = m.weight.view(s) * x / torch.sqrt(nu2 + eps) + m.bias.view(s)
+    expected = torch.max(y, m.tau.view(s))
+    torch.testing.assert_close(m(x), expected)
+    assert (m(x) == m.tau.view(s).expand_as(x)).any()  # TLU active somewhere
+
+
+def test_evonorm_s0_formula():
+    torch.manual_seed(0)
+    x = structured_input(n=3, c=8)
+    m = build_norm("evonorm_s0", 8, groups=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(8))
+    n, c, h, w = x.shape
+    xg = x.reshape(n, 4, c // 4, h, w)
+    std = torch.sqrt(xg.var(dim=(2, 3, 4), unbiased=False, keepdim=True) + 1e-5)
+    std = std.expand_as(xg).reshape(n, c, h, w)
+    s = (1, -1, 1, 1)
+    expected = x * torch.sigmoid(m.v.view(s) * x) / std * m.weight.view(s) + m.bias.view(s)
+    torch.testing.assert_close(m(x), expected)
+    torch.testing.assert_close(m(x[:1]), expected[:1])  # batch independent
+
+
+def test_ln_is_layer_norm_over_chw():
+    x = structured_input(n=3, c=8)
+    m = build_norm("ln", 8, affine=False)
+    torch.testing.assert_close(m(x), F.layer_norm(x, x.shape[1:], eps=1e-5))
+
+
+def test_in_has_no_running_stats():
+    x = structured_input(n=3, c=8)
+    m = build_norm("in", 8)
+    assert not list(m.buffers())
+    y_train = m.train()(x)
+    torch.testing.assert_close(m.eval()(x), y_train)
+    torch.testing.assert_close(y_train, F.instance_norm(x, eps=1e-5))
+
+
+def test_lrn_alexnet_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 3, 3) * 20
+    m = build_norm("lrn", 9, affine=False)
+    expected = torch.empty_like(x)
+    for c in range(9):  # AlexNet: sum over channels max(0, c-n/2) .. min(C-1, c+n/2), alpha not / n
+        lo, hi = max(0, c - 2), min(8, c + 2)
+        s = (x[:, lo : hi + 1] ** 2).sum(1)
+        expected[:, c] = x[:, c] / (2.0 + 1e-4 * s) ** 0.75
+    torch.testing.assert_close(m(x), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Weight reparametrizations
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exp_g", [False, True])
+def test_wn_effective_weight_norm_is_g(exp_g):
+    torch.manual_seed(0)
+    model = apply_weight_reparam(nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.Flatten(), nn.Linear(20, 4)),
+                                 "wn", exp_g=exp_g)
+    for mod in (model[0], model[2]):
+        param = mod.parametrizations.weight
+        with torch.no_grad():
+            param.original0.copy_(torch.rand_like(param.original0) + 0.5)
+            param.original1.mul_(3.0)
+        g = param.original0.flatten()
+        g = g.exp() if exp_g else g
+        norms = mod.weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, g)
+        assert mod.bias is not None  # wn layers get a bias (slot is Identity)
+    assert model[0].bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize("exp_g", [False, True])
+def test_wn_data_dependent_init(exp_g):
+    torch.manual_seed(0)
+
+    def make():
+        return apply_weight_reparam(
+            nn.Sequential(
+                nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(),
+                nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 4),
+            ),
+            "wn", init="data", exp_g=exp_g,
+        )
+
+    model = make()
+    x = torch.randn(16, 3, 5, 5) * 3 + 1
+    layers = [model[0], model[2], model[5]]
+    outs = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.detach())) for i, m in enumerate(layers)]
+    with torch.no_grad():
+        model(x)
+    assert (outs[1].std(dim=(0, 2, 3)) - 1).abs().max() > 0.1  # not already standardized
+    data_dependent_init(model, x)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for i, o in outs.items():
+        dims = (0, 2, 3) if o.ndim == 4 else (0,)
+        torch.testing.assert_close(o.mean(dims), torch.zeros(o.shape[1]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(o.std(dims, unbiased=False), torch.ones(o.shape[1]), atol=1e-4, rtol=0)
+    assert all(bool(m.wn_init_done) for m in layers)
+    # idempotent: a second call (other data) and a resumed model do nothing
+    sd = copy.deepcopy(model.state_dict())
+    data_dependent_init(model, torch.randn(16, 3, 5, 5))
+    resumed = make()
+    resumed.load_state_dict(sd)
+    data_dependent_init(resumed, torch.randn(16, 3, 5, 5))
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v) and torch.equal(resumed.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="larger init batch"):  # Linear layer: 1 value per channel
+        data_dependent_init(make(), x[:1])
+    # nothing to init: no-op
+    plain = apply_weight_reparam(nn.Sequential(nn.Conv2d(3, 4, 1)), "wn")
+    sd = copy.deepcopy(plain.state_dict())
+    data_dependent_init(plain, x)
+    assert all(torch.equal(v, sd[k]) for k, v in plain.state_dict().items())
+
+
+def test_sn_largest_singular_value_is_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(5)
+        model[2].weight.mul_(5)
+    sig0 = torch.linalg.matrix_norm(model[0].weight.reshape(6, -1), ord=2)
+    assert sig0 > 1.5
+    apply_weight_reparam(model, "sn", n_power_iterations=1).train()
+    x = torch.randn(2, 4, 5, 5)
+    for _ in range(50):  # power iteration runs in training forwards
+        model(x)
+    model.eval()
+    for mod in (model[0], model[2]):
+        w = mod.weight
+        sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)
+        assert abs(sigma.item() - 1.0) < 1e-3
+
+
+def test_gn_ws_standardizes_conv_weights_only():
+    torch.manual_seed(0)
+    model = small_convnet("gn_ws")
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            w = mod.weight.flatten(1)
+            v = mod.parametrizations.weight.original.flatten(1).var(1, unbiased=False)
+            torch.testing.assert_close(w.mean(1), torch.zeros(w.shape[0]), atol=1e-5, rtol=0)
+            # (w - mean) / sqrt(var + eps): standardized variance is var / (var + eps)
+            torch.testing.assert_close(w.var(1, unbiased=False), v / (v + 1e-5))
+            assert (w.var(1, unbiased=False) - 1).abs().max() < 0.01
+    assert not hasattr(model[-1], "parametrizations")  # Linear untouched
+    n_params = len(list(model.parameters()))
+    apply_weight_reparam(model, "gn_ws")  # idempotent
+    assert len(list(model.parameters())) == n_params
+    conv = nn.Conv2d(2, 2, 1)
+    assert apply_weight_reparam(conv, "bn") is conv and not hasattr(conv, "parametrizations")
+
+
+# ------------------------------------------------------------------------------------------
+# Recording batch statistics
+# ------------------------------------------------------------------------------------------
+
+
+def test_recording_batch_stats_and_gaps():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), build_norm("bn", 4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), build_norm("bn", 4, virtual_batch=2), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), build_norm("brn", 4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), build_norm("wn", 4, mean_only_bn=True),
+    ).train()
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    model(x)
+    assert batch_stat_gaps(model) == {}  # nothing recorded outside the context
+    rm0, rv0 = model[1].running_mean.clone(), model[1].running_var.clone()
+    with recording_batch_stats(model):
+        model(x)
+    gaps = batch_stat_gaps(model)
+    assert set(gaps) == {"1", "4", "7", "10"}
+    for mean_gap, var_gap in gaps.values():
+        assert mean_gap.dim() == 0 and var_gap.dim() == 0
+        assert torch.isfinite(mean_gap) and torch.isfinite(var_gap)
+    with torch.no_grad():
+        h = model[0](x)
+    bm, bv = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(model[1].last_batch_mean, bm)
+    torch.testing.assert_close(gaps["1"][0], (bm - rm0).abs().mean())
+    torch.testing.assert_close(gaps["1"][1], ((bv + 1e-5).log() - (rv0 + 1e-5).log()).abs().mean())
+    assert model[4].last_batch_mean.shape == (2, 4)  # one row per ghost batch
+    assert gaps["1"][0] > 0 and gaps["10"][1] == 0
+    # eval forwards record nothing
+    with recording_batch_stats(model.eval()):
+        model(x)
+    assert batch_stat_gaps(model) == {}
+
+
+@pytest.mark.parametrize("name,opts", [("bn", {}), ("bn", {"virtual_batch": 2}), ("brn", {"relax_start": 0}),
+                                       ("wn", {"mean_only_bn": True})])
+def test_batch_stat_layers_under_autocast(name, opts):
+    torch.manual_seed(0)
+    model = small_convnet(name, **opts).train()
+    x = torch.randn(4, 3, 4, 4)
+    with recording_batch_stats(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for m in model.modules():
+        if hasattr(m, "running_mean"):
+            assert m.running_mean.dtype == torch.float32 and torch.isfinite(m.running_mean).all()
+    assert len(batch_stat_gaps(model)) == 2
