@@ -19,7 +19,7 @@ from normbench.atomic import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that do not change what a run computes: where it writes, how it reports progress.
-NON_SEMANTIC_KEYS = {"out_dir", "run_name", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
+NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
                      "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "experiment", "device"}
 NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
 

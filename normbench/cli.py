@@ -27,16 +27,25 @@ from normbench.tracking import SUMMARY_NAME, read_summary
 FINISHED = ("completed", "diverged")  # divergence is a result: rerunning would diverge again
 
 
-def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed) -> str:
-    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0."""
-    from normbench.norms import is_batch_dependent
+def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None) -> str:
+    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0.
+
+    Norm options that differ from their defaults join the norm's part (gn-groups16); the
+    virtual batch joins the batch part (bs128-vb8) for batch-dependent norms only, so the
+    duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
+    (free text) separates runs that differ in anything else."""
+    from normbench.norms import NORMS, is_batch_dependent
 
     model_part = model.name if model.get("placement", "before") == "before" else f"{model.name}-norm{model.placement}"
-    vb = norm.get("virtual_batch")
     options = {k: v for k, v in norm.items() if k != "name"}
-    # The normalization batch only matters for batch-dependent norms; others share one folder.
+    defaults = NORMS[norm.name].options if norm.name in NORMS else {}
+    changed = [f"{k.replace('_', '')}{v}" for k, v in sorted(options.items())
+               if k != "virtual_batch" and v is not None and k in defaults and v != defaults[k]]
+    norm_part = "-".join([norm.name, *changed])
+    vb = options.get("virtual_batch")
     vb_part = f"-vb{vb}" if vb is not None and _safe_batch_dependent(is_batch_dependent, norm.name, options) else ""
-    return f"{model_part}/{norm.name}/bs{batch_size}{vb_part}/lr{lr:g}/seed{seed}"
+    variant_part = f"/{variant}" if variant else ""
+    return f"{model_part}/{norm_part}/bs{batch_size}{vb_part}/lr{lr:g}{variant_part}/seed{seed}"
 
 
 def _safe_batch_dependent(is_batch_dependent, name, options) -> bool:

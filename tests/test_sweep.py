@@ -1,0 +1,112 @@
+"""Real Hydra multiruns in a subprocess: readable run folders, skip/resume on rerun, failure isolation,
+reports, and parallel launchers."""
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from normbench import report
+from tests.conftest import TINY_OVERRIDES, run_cli
+
+RUNS = ["cnn/bn/bs2/lr0.1/seed0", "cnn/bn/bs8/lr0.1/seed0", "cnn/gn/bs2/lr0.1/seed0", "cnn/gn/bs8/lr0.1/seed0"]
+
+
+def sweep(tiny_data, out_dir, *overrides, env=None):
+    args = ["-m", *TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out_dir}", *overrides]
+    return run_cli(args, env_extra={"NORMBENCH_CACHE": str(Path(out_dir).parent / "cache"), **(env or {})})
+
+
+def statuses(out_dir: Path) -> dict[str, str]:
+    return {str(p.parent.relative_to(out_dir)): json.loads(p.read_text())["status"] for p in out_dir.rglob("summary.json")}
+
+
+def test_sweep_report_rerun_and_partial_rerun(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    first = sweep(tiny_data, out, "norm=bn,gn", "batch_size=2,8", "report_at_end=true")
+    assert first.returncode == 0, first.stderr
+    assert statuses(out) == {run: "completed" for run in RUNS}
+    assert "| bn " in first.stdout and "tensorboard --logdir" in first.stdout  # the table, printed at the end
+    table = pd.read_csv(out / "report" / "table.csv")
+    assert len(table) == 4
+    for png in ("error_vs_batch.png", "curves_test_acc.png", "curves_train_loss.png"):
+        assert (out / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+    again = sweep(tiny_data, out, "norm=bn,gn", "batch_size=2,8")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skip ") == 4 and "epoch 1/1" not in again.stdout
+
+    old = json.loads((out / RUNS[2] / "summary.json").read_text())
+    (out / RUNS[2] / "summary.json").unlink()
+    partial = sweep(tiny_data, out, "norm=bn,gn", "batch_size=2,8")
+    assert partial.returncode == 0, partial.stderr
+    assert partial.stdout.count("skip ") == 3
+    # only that run is picked up again: it resumes from its last checkpoint (after its only epoch)
+    assert f"resuming {RUNS[2]}" in partial.stdout and partial.stdout.count("resuming") == 1
+    new = json.loads((out / RUNS[2] / "summary.json").read_text())
+    assert new["status"] == "completed" and new["test_acc"] == old["test_acc"]
+
+    # the report command reads the same runs
+    assert report.main([str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert len(pd.read_csv(tmp_path / "rep" / "table.csv")) == 4
+
+
+def test_divergence_and_crash_do_not_stop_the_sweep(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(tiny_data, out, "norm=bn", "lr=0.1,1e12", "optim.lr_scaling=none")
+    assert result.returncode == 0, result.stderr  # divergence is a result, not an error
+    assert sorted(statuses(out).values()) == ["completed", "diverged"]
+
+    crash = sweep(tiny_data, tmp_path / "crash", "norm=gn", "norm.groups=8,7,4")
+    assert crash.returncode == 1  # a run that failed makes the sweep exit non-zero, after all runs
+    assert statuses(tmp_path / "crash") == {"cnn/gn/bs8/lr0.1/seed0": "completed",  # groups=8 is the default
+                                            "cnn/gn-groups4/bs8/lr0.1/seed0": "completed",
+                                            "cnn/gn-groups7/bs8/lr0.1/seed0": "failed"}
+    assert "failed runs:" in crash.stderr and "groups=7" in crash.stderr
+
+
+def test_virtual_batch_identity(tiny_data, tmp_path):
+    """Batch-independent norms ignore the virtual batch: their duplicates share one run folder."""
+    out = tmp_path / "sweep"
+    result = sweep(tiny_data, out, "norm=bn,gn", "norm.virtual_batch=2,4")
+    assert result.returncode == 0, result.stderr
+    assert set(statuses(out)) == {"cnn/bn/bs8-vb2/lr0.1/seed0", "cnn/bn/bs8-vb4/lr0.1/seed0", "cnn/gn/bs8/lr0.1/seed0"}
+    summary = json.loads((out / "cnn/bn/bs8-vb2/lr0.1/seed0/summary.json").read_text())
+    assert summary["batch_size"] == 8 and summary["virtual_batch"] == 2 and summary["norm_batch"] == 2
+
+
+def test_joblib_launcher_runs_two_jobs_in_parallel(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(tiny_data, out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "norm=bn,gn")
+    assert result.returncode == 0, result.stderr
+    assert statuses(out) == {"cnn/bn/bs8/lr0.1/seed0": "completed", "cnn/gn/bs8/lr0.1/seed0": "completed"}
+    for run in statuses(out):
+        cfg = json.loads((out / run / "summary.json").read_text())["config"]
+        assert cfg["threads"] >= 1  # jobs x threads <= cores
+
+
+def test_live_claim_blocks_a_second_trainer(tiny_data, tmp_path):
+    """A run folder held by a live process is skipped by another sweep, not trained twice."""
+    import fcntl
+    import os
+
+    out = tmp_path / "sweep"
+    run_dir = out / "cnn/bn/bs8/lr0.1/seed0"
+    run_dir.mkdir(parents=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        result = sweep(tiny_data, out, "norm=bn,gn")
+    finally:
+        os.close(fd)
+    assert result.returncode == 0, result.stderr
+    assert "another live process" in result.stdout
+    assert statuses(out) == {"cnn/gn/bs8/lr0.1/seed0": "completed"}
+
+
+def test_submitit_local_launcher(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(tiny_data, out, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "norm=bn,gn")
+    assert result.returncode == 0, result.stderr
+    assert sorted(statuses(out).values()) == ["completed", "completed"]
