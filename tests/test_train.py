@@ -54,9 +54,18 @@ def test_run_outputs_agree(make_cfg, tmp_path):
     assert any(tag.startswith("bn_gap/") for tag in tb)  # the train/eval statistics gap of BN layers
     # hparams live in the run's own event file: no sub-run folders
     assert not [p for p in run_dir.iterdir() if p.is_dir() and p.name != ".hydra"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
-    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    content = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "train/loss", "summary/best_test_acc"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["norm"].string_value == "bn" and start.hparams["batch_size"].number_value == 8
+    assert start.hparams["virtual_batch"].string_value == "None"
+    assert "summary/best_test_acc" in tb
 
 
 def test_lr_schedule_and_scaling(make_cfg):
