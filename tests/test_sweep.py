@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from normbench import report
 from tests.conftest import TINY_OVERRIDES, run_cli
@@ -110,3 +111,28 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
     result = sweep(tiny_data, out, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "norm=bn,gn")
     assert result.returncode == 0, result.stderr
     assert sorted(statuses(out).values()) == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("preset", ["quick", "gn_fig1", "gn_fig1_cpu", "small_batch", "small_batch_cpu",
+                                    "placement", "placement_cpu"])
+def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from normbench.models import MODELS
+    from normbench.norms import NORMS
+    from tests.conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert set(params.norm.split(",")) <= set(NORMS)
+    assert cfg.model.name in MODELS and cfg.out_dir == f"runs/{preset}"
+    for batch in str(params.get("batch_size", cfg.batch_size)).split(","):
+        for vb in str(params.get("norm.virtual_batch", "")).split(","):
+            assert not vb or int(batch) % int(vb) == 0
+    if preset.endswith("_cpu"):
+        assert cfg.data.subset is not None  # reduced, but real data

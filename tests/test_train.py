@@ -90,6 +90,7 @@ def test_divergence_is_recorded(make_cfg):
     assert summary["status"] == "diverged"
     assert isinstance(summary["diverged_step"], int) and summary["diverged_step"] >= 0
     assert "non-finite" in summary["reason"]
+    assert summary["steps_done"] == summary["diverged_step"] + 1  # on the CPU it stops at that very step
 
 
 def test_truncated_checkpoint_restarts_cleanly(make_cfg, tmp_path, capsys):
