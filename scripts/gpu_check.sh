@@ -23,5 +23,6 @@ for p in sorted(pathlib.Path(sys.argv[1]).rglob("summary.json")):
     print(f"{s['run_name']:40s} {s['status']:9s} dev={s.get('device')} test_acc={s.get('test_acc')} img/s={s.get('images_per_s')}")
 PY
 # 4. throughput ratios: runner vs pure compute vs the common DataLoader loop
-python3 scripts/bench.py --steps 150 --workers 8 --out "$OUT/bench_resnet20_bs128.md" 2>&1 | tail -9
-python3 scripts/bench.py --steps 300 --batch-size 512 --workers 8 --out "$OUT/bench_resnet20_bs512.md" 2>&1 | tail -3
+# (steps x batch must fit the carried 10,000-image subset)
+python3 scripts/bench.py --steps 60 --workers 8 --out "$OUT/bench_bs128.md" 2>&1 | tail -9
+python3 scripts/bench.py --steps 300 --batch-size 2 --workers 4 --out "$OUT/bench_bs2.md" 2>&1 | tail -9
