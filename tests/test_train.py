@@ -170,3 +170,38 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     rows_b = read_metrics(tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sched=onecycle"],
+    ["norm=bn", "norm.precise_stats=2"],
+    ["norm=bn", "norm.virtual_batch=2"],
+    ["norm=brn", "norm.relax_start=2", "norm.r_relax_steps=5", "norm.d_relax_steps=5"],
+    ["norm=wn", "norm.init=data", "norm.exp_g=true"],
+    ["norm=wn", "norm.mean_only_bn=true", "norm.virtual_batch=4"],
+    ["norm=sn"],
+    ["norm=gn_ws", "batch_size=1"],
+    ["model.placement=after", "norm=frn"],
+    ["data.val_split=20", "data.subset=100", "data.test_subset=40"],
+], ids=lambda o: " ".join(o))
+def test_options_run_end_to_end(make_cfg, overrides):
+    summary = run_job(make_cfg(*overrides))
+    assert summary["status"] == "completed", summary.get("reason")
+    assert summary["test_acc"] is not None and summary["train_loss"] == summary["train_loss"]  # not NaN
+    if "data.val_split=20" in overrides:
+        assert summary["val_size"] == 20 and summary["train_size"] == 100 and summary["val_acc"] is not None
+
+
+def test_precise_bn_sets_population_statistics_before_eval(make_cfg, tmp_path):
+    """With precise_stats the eval statistics of the first BN layer are those of the training data."""
+    from normbench.norms.activation import BatchNorm
+    from normbench.train import make_model
+
+    cfg = make_cfg("norm=bn", "norm.precise_stats=4", "norm.momentum=0.0001")
+    run_job(cfg)
+    state = torch.load(tmp_path / "runs" / cfg.run_name / "checkpoint.pt", weights_only=True)
+    model = make_model(cfg)
+    model.load_state_dict(state["model"])
+    first_bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
+    # momentum 1e-4 alone would leave the running mean at ~0; PreciseBN replaced it
+    assert first_bn.running_mean.abs().max() > 1e-2
