@@ -74,6 +74,16 @@ def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _init_affine(module: nn.Module, num_channels: int, affine: bool) -> None:
+    """Per-channel gamma (ones) and beta (zeros) as module.weight / module.bias, or None."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_channels))
+        module.bias = nn.Parameter(torch.zeros(num_channels))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 def _spatial_dims(x: torch.Tensor, layer: str) -> tuple[int, ...]:
     if x.ndim < 3:
         raise ValueError(f"{layer} expects (N, C, *spatial) feature maps, got shape {tuple(x.shape)}")
@@ -177,6 +187,10 @@ class _BatchStatNorm(nn.Module):
                 delta = mean_b - mean_a
                 acc[:] = [n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)]
 
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation: normalize with the running estimates."""
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
     def _set_population_stats(self, acc: list) -> None:
         n, mean, m2 = acc
         if n == 0:
@@ -212,16 +226,11 @@ class BatchNorm(_BatchStatNorm):
         super().__init__(
             num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats
         )
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self._eval_forward(x)
         groups = self._num_groups(x)
         if self._recording or self._precise_acc is not None:
             self._observe(x, groups)
@@ -290,12 +299,7 @@ class BatchRenorm(_BatchStatNorm):
         self.r_relax_steps = int(r_relax_steps)
         self.d_relax_steps = int(d_relax_steps)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine)
 
     def _ramp(self, length: int) -> torch.Tensor:
         t = self.num_steps.to(torch.float32) - self.relax_start
@@ -311,7 +315,7 @@ class BatchRenorm(_BatchStatNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self._eval_forward(x)
         groups = self._num_groups(x)
         if self._recording or self._precise_acc is not None:
             self._observe(x, groups)
@@ -451,12 +455,7 @@ class LocalResponseNorm(nn.Module):
         super().__init__()
         self.num_features = num_features
         self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.local_response_norm(x, self.size, self.alpha * self.size, self.beta, self.k)
