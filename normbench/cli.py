@@ -92,7 +92,7 @@ def _auto_threads(cfg: DictConfig) -> None:
     if cfg.threads is None:
         n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs")
         if n_jobs and n_jobs > 0:
-            cfg.threads = max(1, (os.cpu_count() or 1) // int(n_jobs))
+            cfg.threads = max(1, len(os.sched_getaffinity(0)) // int(n_jobs))
 
 
 def run_job(cfg: DictConfig) -> dict | None:
@@ -177,7 +177,8 @@ class SweepSummary(Callback):
             counts[summary.get("status")] = counts.get(summary.get("status"), 0) + 1
             if summary.get("status") == "failed":
                 failed.append(f"  {summary.get('run_name')}: {summary.get('reason')}")
-        print(f"sweep finished in {sweep_dir}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs written"))
+        done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        print(f"sweep finished in {sweep_dir}: " + (f"{done} in this sweep" if done else "nothing new to run (every run was already finished)"))
         if config.get("report_at_end"):
             from normbench import report
 

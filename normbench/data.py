@@ -307,6 +307,8 @@ class Batches:
             return
         perm, dx, dy, flips = self._epoch_plan(epoch)
         ar = torch.arange(IMAGE_SIZE, device=self.device)
+        b = torch.arange(self.batch_size, device=self.device)[:, None, None, None]
+        c = torch.arange(3, device=self.device)[None, :, None, None]
         for i in range(start, len(self)):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.split.x[idx]
@@ -315,8 +317,6 @@ class Batches:
             # One gather does crop and flip: row/column indices per image.
             rows = (dy[idx, None] + ar)[:, None, :, None]
             cols = torch.where(flips[idx, None], dx[idx, None] + ar.flip(0), dx[idx, None] + ar)[:, None, None, :]
-            b = torch.arange(len(idx), device=self.device)[:, None, None, None]
-            c = torch.arange(3, device=self.device)[None, :, None, None]
             yield self.normalize(x[b, c, rows, cols]), self.split.y[idx]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:

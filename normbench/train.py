@@ -181,6 +181,8 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
                 "window_loss": z(), "window_n": z(torch.long), "first_bad_step": z(torch.long) - 1}
 
     def save_checkpoint():
+        if not recorder.enabled:  # rank 0 writes for everyone (tracking.rank)
+            return
         checkpoint.save(ckpt_path, {
             "fingerprint": fp, "describe": f"{cfg.model.name}/{cfg.norm.name}/bs{cfg.batch_size}",
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -222,6 +224,9 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
         bar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, leave=False, dynamic_ncols=True)
     train_seconds = 0.0
     acc = {k: v.to(device) for k, v in acc_state.items()} if acc_state else accumulators()
+    # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
+    log_every, gap_every, ckpt_every = int(cfg.log_every), int(cfg.stat_gap_every or 0), int(cfg.ckpt_every or 0)
+    sync_every = 1 if device.type == "cpu" else log_every  # a host sync is free on the CPU
     try:
         while epoch < cfg.epochs:
             model.train()
@@ -229,7 +234,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
                 torch.cuda.synchronize()
             t_epoch = time.perf_counter()
             for x, y in train_batches.epoch(epoch, start=batch_in_epoch):
-                record_gaps = cfg.stat_gap_every and step % cfg.stat_gap_every == 0
+                record_gaps = gap_every and step % gap_every == 0
                 with autocast(), (norms.recording_batch_stats(model) if record_gaps else contextlib.nullcontext()):
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), y)
@@ -254,17 +259,16 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
                     for layer, (mean_gap, logvar_gap) in norms.batch_stat_gaps(model).items():
                         recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, step)
                         recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, step)
-                # On the CPU a host sync is free: check every step. On a GPU, only every log_every steps.
-                if device.type == "cpu" or step % cfg.log_every == 0:
+                if step % sync_every == 0:
                     bad = check_divergence()
                     if bad is not None:
                         return _diverged(recorder, summary, bad, log)
-                if step % cfg.log_every == 0:
+                if step % log_every == 0:
                     recorder.scalar("train/loss", acc["window_loss"] / acc["window_n"], step)
                     recorder.scalar("lr", scheduler.get_last_lr()[0], step)
                     acc["window_loss"].zero_()
                     acc["window_n"].zero_()
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
+                if ckpt_every and step % ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
                     save_checkpoint()
             if device.type == "cuda":
                 torch.cuda.synchronize()
