@@ -20,6 +20,7 @@ depend on pixel values).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import pickle
@@ -59,18 +60,21 @@ def make_step(model, device, use_amp: bool):
     return step
 
 
-def time_steps(step, batches, device, warmup: int) -> float:
-    """Images per second over the batches after `warmup` untimed ones."""
-    n_images, start = 0, None
+def time_steps(step, batches, device, warmup: int, window: int) -> float:
+    """Median images/s over consecutive windows of `window` batches, after `warmup` untimed ones."""
+    rates, n_images, start = [], 0, None
     for i, (x, y) in enumerate(batches):
-        if i == warmup:
+        if i >= warmup and (i - warmup) % window == 0:
             sync(device)
-            start = time.perf_counter()
+            if start is not None:
+                rates.append(n_images / (time.perf_counter() - start))
+            n_images, start = 0, time.perf_counter()
         if i >= warmup:
             n_images += len(y)
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     sync(device)
-    return n_images / (time.perf_counter() - start)
+    rates.append(n_images / (time.perf_counter() - start))
+    return float(np.median(rates))
 
 
 def bench_pure(args, device, use_amp) -> float:
@@ -78,8 +82,8 @@ def bench_pure(args, device, use_amp) -> float:
     model = build_model(args.model, args.norm).to(device).train()
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    return time_steps(make_step(model, device, use_amp), ((x, y) for _ in range(args.steps + args.warmup)),
-                      device, args.warmup)
+    return time_steps(make_step(model, device, use_amp),
+                      ((x, y) for _ in range(args.steps * args.repeats + args.warmup)), device, args.warmup, args.steps)
 
 
 def bench_dataloader(args, device, use_amp, images: np.ndarray, labels: np.ndarray) -> float:
@@ -110,14 +114,15 @@ def bench_dataloader(args, device, use_amp, images: np.ndarray, labels: np.ndarr
             for batch in loader:
                 yield batch
                 n += 1
-                if n >= args.steps + args.warmup:
+                if n >= args.steps * args.repeats + args.warmup:
                     return
 
-    return time_steps(make_step(model, device, use_amp), batches(), device, args.warmup)
+    return time_steps(make_step(model, device, use_amp), batches(), device, args.warmup, args.steps)
 
 
 def bench_normbench(args, device_name: str, data_root: str) -> float:
-    """The real training loop, configured through the real Hydra config."""
+    """The real training loop, configured through the real Hydra config: median over epochs 2.. of
+    the training images/s (the first epoch is the warmup)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -128,17 +133,15 @@ def bench_normbench(args, device_name: str, data_root: str) -> float:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"model={args.model}", f"norm={args.norm}", f"batch_size={args.batch_size}", "epochs=2",
+            f"model={args.model}", f"norm={args.norm}", f"batch_size={args.batch_size}", f"epochs={args.repeats + 1}",
             f"data.subset={steps * args.batch_size}", "data.test_subset=1000", f"data.root={data_root}",
             f"device={device_name}", f"amp={args.amp}", "stat_gap_every=0", "progress=false"])
     GlobalHydra.instance().clear()
     with tempfile.TemporaryDirectory() as run_dir:
         train(cfg, run_dir, log=lambda *a: None)
         with open(Path(run_dir) / "metrics.csv") as f:
-            second_epoch = f.read().splitlines()[2].split(",")
-    header = "epoch,step,train_loss,train_acc,test_loss,test_acc,val_loss,val_acc,lr,seconds".split(",")
-    seconds = float(second_epoch[header.index("seconds")])
-    return steps * args.batch_size / seconds
+            seconds = [float(row["seconds"]) for row in csv.DictReader(f)][1:]
+    return float(np.median([steps * args.batch_size / s for s in seconds]))
 
 
 def synthetic_cifar(root: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows (epochs for normbench); the median is reported")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -171,7 +175,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     use_amp = device.type == "cuda" if args.amp == "auto" else args.amp in ("true", "1")
-    n = (args.steps + args.warmup) * args.batch_size
+    n = (args.steps + args.warmup) * args.batch_size  # one normbench epoch
     with tempfile.TemporaryDirectory() as tmp:
         real = os.environ.get("NORMBENCH_DATA")
         if real:
@@ -194,7 +198,8 @@ def main() -> None:
         f"# Training throughput: {args.model} + {args.norm}, batch {args.batch_size}, {name}",
         "",
         f"Command: `python scripts/bench.py --model {args.model} --norm {args.norm} --batch-size {args.batch_size} "
-        f"--steps {args.steps} --device {args.device} --workers {args.workers}`; data: {source}; "
+        f"--steps {args.steps} --repeats {args.repeats} --device {args.device} --amp {args.amp} --workers {args.workers}`; "
+        f"median of {args.repeats} timed windows; data: {source}; "
         f"bf16 autocast: {use_amp}; torch {torch.__version__}.",
         "",
         "| loop | images/s |",

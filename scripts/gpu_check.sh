@@ -24,5 +24,6 @@ for p in sorted(pathlib.Path(sys.argv[1]).rglob("summary.json")):
 PY
 # 4. throughput ratios: runner vs pure compute vs the common DataLoader loop
 # (steps x batch must fit the carried 10,000-image subset)
-python3 scripts/bench.py --steps 60 --workers 8 --out "$OUT/bench_bs128.md" 2>&1 | tail -9
-python3 scripts/bench.py --steps 300 --batch-size 2 --workers 4 --out "$OUT/bench_bs2.md" 2>&1 | tail -9
+python3 scripts/bench.py --steps 20 --repeats 3 --workers 8 --out "$OUT/h200_resnet20_bn_bs128.md" 2>&1 | tail -3
+python3 scripts/bench.py --steps 100 --repeats 3 --batch-size 2 --workers 4 --out "$OUT/h200_resnet20_bn_bs2.md" 2>&1 | tail -3
+python3 scripts/bench.py --steps 20 --repeats 3 --workers 8 --amp false --out "$OUT/h200_resnet20_bn_bs128_fp32.md" 2>&1 | tail -3
