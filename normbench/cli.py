@@ -34,25 +34,13 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     virtual batch joins the batch part (bs128-vb8) for batch-dependent norms only, so the
     duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
     (free text) separates runs that differ in anything else."""
-    from normbench.norms import NORMS, is_batch_dependent
+    from normbench.train import norm_label, uses_batch_stats
 
     model_part = model.name if model.get("placement", "before") == "before" else f"{model.name}-norm{model.placement}"
-    options = {k: v for k, v in norm.items() if k != "name"}
-    defaults = NORMS[norm.name].options if norm.name in NORMS else {}
-    changed = [f"{k.replace('_', '')}{v}" for k, v in sorted(options.items())
-               if k != "virtual_batch" and v is not None and k in defaults and v != defaults[k]]
-    norm_part = "-".join([norm.name, *changed])
-    vb = options.get("virtual_batch")
-    vb_part = f"-vb{vb}" if vb is not None and _safe_batch_dependent(is_batch_dependent, norm.name, options) else ""
+    vb = norm.get("virtual_batch")
+    vb_part = f"-vb{vb}" if vb is not None and uses_batch_stats(norm) else ""
     variant_part = f"/{variant}" if variant else ""
-    return f"{model_part}/{norm_part}/bs{batch_size}{vb_part}/lr{lr:g}{variant_part}/seed{seed}"
-
-
-def _safe_batch_dependent(is_batch_dependent, name, options) -> bool:
-    try:
-        return is_batch_dependent(name, **options)
-    except Exception:  # noqa: BLE001 - a bad norm option is reported by validation, not here
-        return True
+    return f"{model_part}/{norm_label(norm)}/bs{batch_size}{vb_part}/lr{lr:g}{variant_part}/seed{seed}"
 
 
 OmegaConf.register_new_resolver("nb.run_name", run_name, replace=True)
@@ -107,14 +95,15 @@ def run_job(cfg: DictConfig) -> dict | None:
             if not claimed:
                 print(f"skip {cfg.run_name}: another live process is training it")
                 return None
-            fp = checkpoint.fingerprint(OmegaConf.to_container(cfg, resolve=True))
+            from normbench.train import run_config
+
+            fp = checkpoint.fingerprint(run_config(cfg))
             previous = read_summary(run_dir)
             if previous and previous.get("status") in FINISHED and previous.get("fingerprint") == fp:
                 print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous.get('test_acc')})")
                 return previous
             if previous and previous.get("status") in FINISHED:
                 print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
-                (run_dir / SUMMARY_NAME).unlink()
             from normbench.train import train
 
             return train(cfg, run_dir, progress=_show_progress(cfg))
@@ -130,8 +119,11 @@ def run_job(cfg: DictConfig) -> dict | None:
         if cfg.debug:
             traceback.print_exc()
         log = run_dir / "error.log"
-        atomic.write_text(log, traceback.format_exc())
-        print(f"error: {cfg.run_name} crashed: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        try:
+            atomic.write_text(log, traceback.format_exc())
+        except OSError:  # the crash may be the disk itself
+            log = "not written"
+        print(f"error: {cfg.run_name} crashed: {type(e).__name__}: {e} (traceback: {log})", file=sys.stderr)
         result = _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         if not in_sweep:
             raise SystemExit(1)
@@ -139,12 +131,13 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
+    """A failed run's summary: its identity, no metrics (the report counts it as failed)."""
     from datetime import datetime, timezone
 
-    summary = {"run_name": cfg.run_name, "status": "failed", "reason": reason, "model": cfg.model.name,
-               "norm": cfg.norm.name, "placement": cfg.model.placement, "batch_size": cfg.batch_size,
-               "virtual_batch": cfg.norm.get("virtual_batch"), "lr": cfg.lr, "seed": cfg.seed,
-               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    from normbench.train import run_identity
+
+    summary = {**run_identity(cfg), "status": "failed", "reason": reason, "test_acc": None, "best_test_acc": None,
+               "epochs_done": 0, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         atomic.write_json(run_dir / SUMMARY_NAME, summary)
     except OSError:
@@ -197,11 +190,40 @@ class SweepSummary(Callback):
 # --------------------------------------------------------------------------- entry point
 
 
+def check_composes(argv: list[str]) -> None:
+    """Compose the config as Hydra will (first value of each sweep list), so that an unknown key or a
+    malformed override is one line and exit 2 instead of Hydra's multi-line error and exit 1."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --help, --cfg, --config-name, ...: Hydra's own business
+    overrides = []
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        key, sep, value = arg.partition("=")
+        if sep and not any(ch in value for ch in "()[]{}'\""):
+            value = value.split(",")[0]
+        overrides.append(f"{key}{sep}{value}")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(validate.CONF_DIR), version_base="1.3"):
+            compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(" ".join(lines[:2]) or type(e).__name__) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("debug=true", "debug=1") for a in argv)
     try:
         validate.check_argv(argv)
+        check_composes(argv)
         sys.argv = [sys.argv[0], *argv]
         hydra_entry()
     except UserError as e:

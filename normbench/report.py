@@ -150,7 +150,10 @@ def read_summary(run_dir: Path) -> dict:
         raise CorruptRun(f"placement is not a string: {summary['placement']!r}")
     if status == "completed" and not _is_number(summary["test_acc"]):
         raise CorruptRun("completed run without a numeric test_acc")
-    row = {key: value for key, value in summary.items() if key != "config"}
+    row = {key: value for key, value in summary.items() if key not in ("config", "norm_label")}
+    # A norm with non-default options (gn-groups16) is its own row, labelled like its run folder.
+    if isinstance(summary.get("norm_label"), str) and summary["norm_label"]:
+        row["norm"] = summary["norm_label"]
     for key, default in OPTIONAL_SUMMARY_DEFAULTS.items():
         row.setdefault(key, default)
     if row["placement"] is None:
@@ -375,8 +378,10 @@ def _describe_setting(setting: tuple) -> str:
 
 
 def _norm_rank(norm: str) -> tuple[int, str]:
-    if norm in CANONICAL_NORM_ORDER:
-        return (CANONICAL_NORM_ORDER.index(norm), "")
+    """Canonical order of the base norm; variants (gn-groups16) right after their base."""
+    base = norm.split("-")[0]
+    if base in CANONICAL_NORM_ORDER:
+        return (CANONICAL_NORM_ORDER.index(base), norm)
     return (len(CANONICAL_NORM_ORDER), norm)
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from normbench import checkpoint, data, norms
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.tracking import RunRecorder, to_float
+from normbench.tracking import SUMMARY_NAME, RunRecorder
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -59,6 +59,47 @@ def model_options(cfg: DictConfig) -> dict:
     if opts.get("placement") == "before" and cfg.model.name != "cnn":
         opts.pop("placement")  # the ResNets have one placement only
     return opts
+
+
+def uses_batch_stats(norm: DictConfig) -> bool:
+    """Whether the norm config (cfg.norm) normalizes with batch statistics."""
+    options = {k: v for k, v in norm.items() if k != "name"}
+    try:
+        return norms.is_batch_dependent(norm.name, **options)
+    except norms.NormConfigError:
+        return True  # a bad option is reported by validation, not here
+
+
+def norm_label(norm: DictConfig) -> str:
+    """The norm's name plus its options that differ from the registry defaults, e.g. gn-groups16.
+    (The virtual batch is shown with the batch size instead.)"""
+    defaults = norms.NORMS[norm.name].options if norm.name in norms.NORMS else {}
+    changed = [f"{k.replace('_', '')}{v}" for k, v in sorted(norm.items())
+               if k not in ("name", "virtual_batch") and v is not None and k in defaults and v != defaults[k]]
+    return "-".join([norm.name, *changed])
+
+
+def effective_virtual_batch(cfg: DictConfig) -> int | None:
+    """The virtual batch if the norm uses batch statistics, else None (batch-independent norms ignore it)."""
+    vb = cfg.norm.get("virtual_batch")
+    return vb if vb is not None and uses_batch_stats(cfg.norm) else None
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The resolved config as the run's identity: what its fingerprint hashes and summary.json records."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["norm"]["virtual_batch"] = effective_virtual_batch(cfg)
+    return config
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """What identifies a run in summary.json (completed, diverged or failed alike)."""
+    vb = effective_virtual_batch(cfg)
+    batch_dependent = uses_batch_stats(cfg.norm)
+    return {"run_name": cfg.run_name, "model": cfg.model.name, "norm": cfg.norm.name, "norm_label": norm_label(cfg.norm),
+            "placement": cfg.model.placement, "batch_size": cfg.batch_size, "virtual_batch": vb,
+            "norm_batch": (vb or cfg.batch_size) if batch_dependent else None,
+            "lr": cfg.lr, "seed": cfg.seed, "epochs": cfg.epochs}
 
 
 def make_model(cfg: DictConfig) -> torch.nn.Module:
@@ -112,12 +153,12 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
     """Train one run in `run_dir` (resuming from its checkpoint if any) and return its summary."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = run_config(cfg)
     fp = checkpoint.fingerprint(config)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    use_amp = device.type == "cuda" if cfg.amp == "auto" else bool(cfg.amp)
+    use_amp = device.type == "cuda" if cfg.amp == "auto" else cfg.amp is True
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     # Data: decoded once, cached; subsets drawn with a seed of their own.
@@ -142,7 +183,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
 
     # Resume: the checkpoint says how many epochs and batches are done.
     epoch, batch_in_epoch, step, best_test_acc, best_val_acc, elapsed_before = 0, 0, 0, -1.0, None, 0.0
-    train_seconds_before, rows = 0.0, []
+    train_seconds_before, rows, epoch_seconds_before = 0.0, [], 0.0
     acc_state = None
     ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
     if ckpt_path.exists():
@@ -162,16 +203,25 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
             best_test_acc, best_val_acc = state["best_test_acc"], state["best_val_acc"]
             elapsed_before, train_seconds_before, rows = state["elapsed"], state["train_seconds"], state["rows"]
             acc_state = state["accumulators"]
+            epoch_seconds_before = state.get("epoch_seconds", 0.0)
+            if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+                log(f"warning: resuming with {torch.get_num_threads()} CPU threads, the checkpoint was written with "
+                    f"{state['threads']}: CPU results may differ from an uninterrupted run in the last digits")
             log(f"resuming {cfg.run_name} from epoch {epoch} batch {batch_in_epoch} (step {step})")
 
-    recorder = RunRecorder(run_dir, purge_step=step if step else None)
+    # Every check has passed: an older summary.json (another config's) is no longer this run's.
+    (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    if step == 0:  # a fresh start: events and temp files of an abandoned attempt go
+        for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
+            stale.unlink()
+    # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
+    recorder = RunRecorder(run_dir, purge_step=step + 1 if step else None)
     recorder.rows = list(rows)
-    hparams = {"model": cfg.model.name, "norm": cfg.norm.name, "placement": cfg.model.placement,
-               "batch_size": cfg.batch_size, "virtual_batch": cfg.norm.virtual_batch, "lr": cfg.lr,
-               "seed": cfg.seed, "epochs": cfg.epochs}
-    recorder.hparams(hparams)
+    recorder.hparams({k: v for k, v in run_identity(cfg).items() if k not in ("run_name", "norm_batch")})
     if step == 0:  # data-dependent init (WN with init=data; a no-op otherwise) on a fixed random batch
-        init_idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:256]
+        n_init = min(len(ds.train), 256)
+        n_init -= n_init % (cfg.norm.get("virtual_batch") or 1)  # mean-only BN may use ghost batches
+        init_idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:n_init]
         norms.data_dependent_init(model, train_batches.normalize(ds.train.x[init_idx.to(device)]))
     precise_n = norms.precise_bn_batches(model)
 
@@ -190,6 +240,8 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
             "best_test_acc": best_test_acc, "best_val_acc": best_val_acc, "rows": recorder.rows,
             "elapsed": elapsed_before + time.perf_counter() - t_start,
             "train_seconds": train_seconds_before + train_seconds, "accumulators": acc,
+            "epoch_seconds": epoch_seconds_before + time.perf_counter() - t_epoch if batch_in_epoch else 0.0,
+            "threads": torch.get_num_threads(),
         })
 
     def check_divergence() -> int | None:
@@ -201,11 +253,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
         total_train_s = train_seconds_before + train_seconds
         images = len(recorder.rows) * steps_per_epoch * cfg.batch_size
         return {
-            "run_name": cfg.run_name, "status": status, "reason": reason,
-            "model": cfg.model.name, "norm": cfg.norm.name, "placement": cfg.model.placement,
-            "batch_size": cfg.batch_size, "virtual_batch": cfg.norm.virtual_batch,
-            "norm_batch": (cfg.norm.virtual_batch or cfg.batch_size) if norms.is_batch_dependent(cfg.norm.name, **norm_options(cfg)) else None,
-            "lr": cfg.lr, "lr_effective": lr, "seed": cfg.seed, "epochs": cfg.epochs, "epochs_done": len(recorder.rows),
+            **run_identity(cfg), "status": status, "reason": reason, "lr_effective": lr, "epochs_done": len(recorder.rows),
             "steps_done": step, "test_acc": last.get("test_acc"), "best_test_acc": best_test_acc if best_test_acc >= 0 else None,
             "test_loss": last.get("test_loss"), "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
             "val_acc": last.get("val_acc"), "best_val_acc": best_val_acc,
@@ -222,7 +270,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, leave=False, dynamic_ncols=True)
-    train_seconds = 0.0
+    train_seconds, t_epoch = 0.0, time.perf_counter()
     acc = {k: v.to(device) for k, v in acc_state.items()} if acc_state else accumulators()
     # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
     log_every, gap_every, ckpt_every = int(cfg.log_every), int(cfg.stat_gap_every or 0), int(cfg.ckpt_every or 0)
@@ -256,9 +304,12 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
                 if bar is not None:
                     bar.update(1)
                 if record_gaps:
-                    for layer, (mean_gap, logvar_gap) in norms.batch_stat_gaps(model).items():
-                        recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, step)
-                        recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, step)
+                    gaps = norms.batch_stat_gaps(model)
+                    if gaps:  # one host sync for all layers
+                        values = torch.stack([torch.stack(pair).float() for pair in gaps.values()]).tolist()
+                        for layer, (mean_gap, logvar_gap) in zip(gaps, values):
+                            recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, step)
+                            recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, step)
                 if step % sync_every == 0:
                     bad = check_divergence()
                     if bad is not None:
@@ -272,7 +323,8 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
                     save_checkpoint()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_seconds = time.perf_counter() - t_epoch
+            epoch_seconds = epoch_seconds_before + time.perf_counter() - t_epoch
+            epoch_seconds_before = 0.0
             train_seconds += epoch_seconds
             bad = check_divergence()
             if bad is not None:
@@ -280,7 +332,8 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
 
             # End of epoch: evaluate (PreciseBN first, if asked), log, checkpoint.
             if precise_n:
-                extra = data.Batches(ds.train, cfg.batch_size, device, train=True, seed=cfg.seed + 104729)
+                extra = data.Batches(ds.train, cfg.batch_size, device, train=True, seed=cfg.seed + 104729,
+                                     crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
                 norms.precise_bn_update(model, (x for x, _ in _take(extra.epoch(epoch), precise_n)))
             test_loss, test_acc = evaluate(model, test_batches, autocast)
             val_loss, val_acc = evaluate(model, val_batches, autocast) if val_batches else (None, None)

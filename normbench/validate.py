@@ -42,6 +42,33 @@ def check_positive_int(key: str, value) -> int:
     return number
 
 
+def check_nonnegative_int(key: str, value) -> int:
+    number = _as_int(key, value)
+    if number < 0:
+        raise UserError(f"{key}={value} must be 0 or a positive integer")
+    return number
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        shown = ", ".join("true" if c is True else "false" if c is False else str(c) for c in choices)
+        raise UserError(f"{key}={value!r} is not one of: {shown}")
+
+
+def check_device(name) -> None:
+    import torch
+
+    name = str(name)
+    if name in ("auto", "cpu", "mps"):
+        return
+    if name == "cuda" or name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or (torch.cuda.is_available() and int(index) >= torch.cuda.device_count())):
+            raise UserError(f"device={name}: no such GPU here ({torch.cuda.device_count()} visible); use device=auto or cuda:0")
+        return
+    raise UserError(f"device={name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps")
+
+
 def check_lr(value) -> float:
     try:
         lr = float(value)
@@ -114,6 +141,18 @@ def check_config(cfg) -> None:
     check_positive_int("epochs", cfg.epochs)
     check_lr(cfg.lr)
     check_virtual_batch(cfg.norm.get("virtual_batch"), batch_size)
+    check_nonnegative_int("seed", cfg.seed)
+    check_positive_int("log_every", cfg.log_every)
+    for key in ("stat_gap_every", "ckpt_every"):
+        check_nonnegative_int(key, cfg[key] or 0)
+    if cfg.threads is not None:
+        check_positive_int("threads", cfg.threads)
+    check_device(cfg.device)
+    check_choice("amp", cfg.amp, ("auto", True, False))
+    check_choice("progress", cfg.progress, ("auto", True, False))
+    check_positive_int("data.eval_batch_size", cfg.data.eval_batch_size)
+    check_nonnegative_int("data.crop_padding", cfg.data.crop_padding)
+    check_choice("sched.name", cfg.sched.name, ("cosine", "onecycle"))
     for key in ("subset", "test_subset", "val_split"):
         if cfg.data.get(key) is not None:
             check_positive_int(f"data.{key}", cfg.data[key])

@@ -44,6 +44,14 @@ def run(tiny_data, tmp_path):
         (["norm=gn", "norm.groups=7"], ["32 channels", "7"]),
         (["data.subset=0"], ["data.subset=0"]),
         (["data.subset=100000"], ["data.subset=100000", "160"]),
+        (["batchsize=2"], ["Could not override 'batchsize'"]),
+        (["-m", "norm=bn,gn", "epochz=1,2"], ["Could not override 'epochz'"]),
+        (["log_every=0"], ["log_every=0"]),
+        (["amp=off"], ["amp='off'", "auto, true, false"]),
+        (["seed=-1"], ["seed=-1"]),
+        (["device=tpu"], ["device='tpu'", "cuda"]),
+        (["data.eval_batch_size=0"], ["data.eval_batch_size=0"]),
+        (["sched.name=linear"], ["sched.name='linear'"]),
     ],
 )
 def test_bad_config_values(run, overrides, fragments):

@@ -65,6 +65,8 @@ def test_divergence_and_crash_do_not_stop_the_sweep(tiny_data, tmp_path):
                                             "cnn/gn-groups4/bs8/lr0.1/seed0": "completed",
                                             "cnn/gn-groups7/bs8/lr0.1/seed0": "failed"}
     assert "failed runs:" in crash.stderr and "groups=7" in crash.stderr
+    table = pd.read_csv(report.write_report([tmp_path / "crash"], tmp_path / "crash_report")["table.csv"])
+    assert table.set_index("norm")["n_failed"].to_dict() == {"gn": 0, "gn-groups4": 0, "gn-groups7": 1}
 
 
 def test_virtual_batch_identity(tiny_data, tmp_path):
@@ -73,6 +75,11 @@ def test_virtual_batch_identity(tiny_data, tmp_path):
     result = sweep(tiny_data, out, "norm=bn,gn", "norm.virtual_batch=2,4")
     assert result.returncode == 0, result.stderr
     assert set(statuses(out)) == {"cnn/bn/bs8-vb2/lr0.1/seed0", "cnn/bn/bs8-vb4/lr0.1/seed0", "cnn/gn/bs8/lr0.1/seed0"}
+    trained = [line for line in result.stdout.splitlines() if "epoch 1/1" in line]
+    assert sum(line.startswith("cnn/gn/") for line in trained) == 1  # trained once, then skipped
+    assert "skip cnn/gn/bs8/lr0.1/seed0: already completed" in result.stdout
+    gn = json.loads((out / "cnn/gn/bs8/lr0.1/seed0/summary.json").read_text())
+    assert gn["virtual_batch"] is None and gn["norm_batch"] is None
     summary = json.loads((out / "cnn/bn/bs8-vb2/lr0.1/seed0/summary.json").read_text())
     assert summary["batch_size"] == 8 and summary["virtual_batch"] == 2 and summary["norm_batch"] == 2
 

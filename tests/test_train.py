@@ -170,6 +170,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     rows_b = read_metrics(tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
+    # TensorBoard: the killed attempt's points past the checkpoint are purged, none are lost
+    assert [s for s, _ in scalars(run_dir)["test/acc"]] == [200, 400, 600]
+    assert [v for _, v in scalars(run_dir)["test/acc"]] == pytest.approx([float(r["test_acc"]) for r in rows_a])
 
 
 @pytest.mark.parametrize("overrides", [
