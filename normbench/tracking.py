@@ -14,7 +14,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
 
 from normbench import atomic
 
@@ -88,8 +87,3 @@ class RunRecorder:
             self.writer.close()
             self.writer = None
 
-
-def to_float(x) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
