@@ -95,7 +95,7 @@ def run_job(cfg: DictConfig) -> dict | None:
             if not claimed:
                 print(f"skip {cfg.run_name}: another live process is training it")
                 return None
-            from normbench.train import run_config
+            from normbench.train import run_config, train  # torch-heavy: imported once a run is really due
 
             fp = checkpoint.fingerprint(run_config(cfg))
             previous = read_summary(run_dir)
@@ -104,8 +104,6 @@ def run_job(cfg: DictConfig) -> dict | None:
                 return previous
             if previous and previous.get("status") in FINISHED:
                 print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
-            from normbench.train import train
-
             return train(cfg, run_dir, progress=_show_progress(cfg))
     except UserError as e:
         if not in_sweep:  # SystemExit passes through Hydra's error reporting untouched

@@ -1,6 +1,5 @@
 """Every bad input: exit status 2, one clear line, no traceback, before any training."""
 
-import os
 import shutil
 
 import pytest

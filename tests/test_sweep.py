@@ -2,7 +2,6 @@
 reports, and parallel launchers."""
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
