@@ -7,8 +7,6 @@ different run (another model, norm, batch size, ...) is never resumed silently.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from pathlib import Path
 
@@ -18,22 +16,8 @@ import torch
 from normbench.atomic import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
-# Keys that do not change what a run computes: where it writes, how it reports progress.
-NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
-                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "experiment", "device"}
-NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
-
-
 class BadCheckpoint(Exception):
     """The checkpoint file is unreadable or belongs to another run."""
-
-
-def fingerprint(config: dict) -> str:
-    """A short hash of everything that determines a run's results."""
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS and k != "hydra"}
-    if isinstance(semantic.get("data"), dict):
-        semantic["data"] = {k: v for k, v in semantic["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
-    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
 
-
-from normbench import atomic
+from normbench import atomic, summary as run_summary
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
                   "lr", "seconds"]
-SUMMARY_NAME = "summary.json"
 # Scalars shown as metrics in TensorBoard's HPARAMS tab (their last value per run).
 HPARAM_METRICS = ["test/acc", "test/loss", "train/loss", "train/acc", "summary/best_test_acc"]
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def read_summary(run_dir: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / SUMMARY_NAME).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class RunRecorder:
@@ -76,7 +66,7 @@ class RunRecorder:
     def summary(self, summary: dict) -> None:
         if self.enabled:
             self.flush()
-            atomic.write_json(self.run_dir / SUMMARY_NAME, summary)
+            run_summary.write(self.run_dir, summary)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -1,27 +1,32 @@
 """One training run, top to bottom: data, model, optimizer, the loop, evaluation, checkpoints.
 
+`train()` reads as the run goes: set up, resume, then epochs of `train_epoch` (the steps) and
+`end_epoch` (evaluation, logging, checkpoint), then the summary. The run's mutable state lives
+in one `RunState`, which is what a checkpoint saves besides the model, optimizer and schedule.
+
 The loop keeps per-step values on the device and syncs with the host only every `log_every`
-steps (train loss scalar, divergence check) and at epoch ends.
+steps (train loss scalar, divergence check) and at epoch ends. TensorBoard's x axis is the
+number of training images seen (one epoch = the training set's size), the same in every run
+whatever its batch size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from normbench import checkpoint, data, norms
+from normbench import checkpoint, data, identity, norms, summary
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.tracking import SUMMARY_NAME, RunRecorder
+from normbench.tracking import RunRecorder
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -44,79 +49,19 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device={name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
-def scaled_lr(cfg: DictConfig) -> float:
-    ratio = cfg.batch_size / cfg.optim.ref_batch
-    rule = cfg.optim.lr_scaling
-    return cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
-
-
 def norm_options(cfg: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(cfg.norm, resolve=True).items() if k != "name"}
-
-
-def model_options(cfg: DictConfig) -> dict:
-    opts = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    if opts.get("placement") == "before" and cfg.model.name != "cnn":
-        opts.pop("placement")  # the ResNets have one placement only
-    return opts
-
-
-def uses_batch_stats(norm: DictConfig) -> bool:
-    """Whether the norm config (cfg.norm) normalizes with batch statistics."""
-    options = {k: v for k, v in norm.items() if k != "name"}
-    try:
-        return norms.is_batch_dependent(norm.name, **options)
-    except norms.NormConfigError:
-        return True  # a bad option is reported by validation, not here
-
-
-def norm_label(norm: DictConfig) -> str:
-    """The norm's name plus its options that differ from the registry defaults, e.g. gn-groups16.
-    (The virtual batch is shown with the batch size instead.)"""
-    defaults = norms.NORMS[norm.name].options if norm.name in norms.NORMS else {}
-    changed = [f"{k.replace('_', '')}{v}" for k, v in sorted(norm.items())
-               if k not in ("name", "virtual_batch") and v is not None and k in defaults and v != defaults[k]]
-    return "-".join([norm.name, *changed])
-
-
-def effective_virtual_batch(cfg: DictConfig) -> int | None:
-    """The virtual batch if the norm uses batch statistics, else None (batch-independent norms ignore it)."""
-    vb = cfg.norm.get("virtual_batch")
-    return vb if vb is not None and uses_batch_stats(cfg.norm) else None
-
-
-def run_config(cfg: DictConfig) -> dict:
-    """The resolved config as the run's identity: what its fingerprint hashes and summary.json records."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["norm"]["virtual_batch"] = effective_virtual_batch(cfg)
-    return config
-
-
-def run_identity(cfg: DictConfig) -> dict:
-    """What identifies a run in summary.json (completed, diverged or failed alike)."""
-    vb = effective_virtual_batch(cfg)
-    batch_dependent = uses_batch_stats(cfg.norm)
-    return {"run_name": cfg.run_name, "model": cfg.model.name, "norm": cfg.norm.name, "norm_label": norm_label(cfg.norm),
-            "placement": cfg.model.placement, "batch_size": cfg.batch_size, "virtual_batch": vb,
-            "norm_batch": (vb or cfg.batch_size) if batch_dependent else None,
-            "lr": cfg.lr, "seed": cfg.seed, "epochs": cfg.epochs}
+    return {k: v for k, v in cfg.norm.items() if k != "name"}
 
 
 def make_model(cfg: DictConfig) -> torch.nn.Module:
     try:
         return build_model(cfg.model.name, cfg.norm.name, num_classes=data.NUM_CLASSES,
-                           model_options=model_options(cfg), **norm_options(cfg))
+                           model_options=identity.model_options(cfg.model), **norm_options(cfg))
     except (norms.NormConfigError, KeyError, ValueError) as e:
         raise UserError(f"cannot build {cfg.model.name} with norm={cfg.norm.name}: {e.args[0] if e.args else e}") from None
 
 
-def make_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch: int):
-    warmup = min(int(round(cfg.sched.warmup_epochs * steps_per_epoch)), total_steps - 1)
-    if cfg.sched.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
-            pct_start=max(warmup, 1) / total_steps, div_factor=1 / cfg.sched.warmup_start_factor,
-            cycle_momentum=False)
+def _cosine(cfg, optimizer, total_steps: int, warmup: int):
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
     if warmup <= 0:
         return cosine
@@ -125,10 +70,35 @@ def make_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
+def _onecycle(cfg, optimizer, total_steps: int, warmup: int):
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps,
+        pct_start=max(warmup, 1) / total_steps, div_factor=1 / cfg.sched.warmup_start_factor, cycle_momentum=False)
+
+
+# sched.name -> builder(cfg, optimizer, total_steps, warmup_steps); conf/sched/<name>.yaml holds its settings.
+SCHEDULERS = {"cosine": _cosine, "onecycle": _onecycle}
+
+
+def make_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    warmup = min(int(round(cfg.sched.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    return SCHEDULERS[cfg.sched.name](cfg, optimizer, total_steps, warmup)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def reduce_sum(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Sum per-process tensors over the ranks of a data-parallel run (the one place metrics are
+    reduced); the values themselves in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    stacked = torch.stack([v.double() for v in values])
+    torch.distributed.all_reduce(stacked)
+    return list(stacked.unbind())
 
 
 @torch.no_grad()
@@ -142,230 +112,308 @@ def evaluate(model, batches: data.Batches, autocast) -> tuple[float, float]:
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    n = len(batches.split)
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    n = torch.tensor(float(len(batches.split)), device=batches.device)
+    loss_sum, correct, n = reduce_sum(loss_sum, correct, n)
+    return loss_sum.item() / n.item(), 100.0 * correct.item() / n.item()
+
+
+# --------------------------------------------------------------------------- the run's state
+
+
+def _accumulators(device) -> dict[str, torch.Tensor]:
+    """Per-epoch sums kept on the device (no host sync per step)."""
+    z = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
+    return {"loss_sum": z(), "correct": z(torch.long), "seen": z(torch.long),
+            "window_loss": z(), "window_n": z(torch.long), "first_bad_step": z(torch.long) - 1}
+
+
+@dataclass
+class RunState:
+    """Everything about a run that changes as it trains, besides model, optimizer and schedule."""
+
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # completed steps of the current epoch
+    step: int = 0  # completed optimizer steps
+    best_test_acc: float | None = None
+    best_val_acc: float | None = None
+    rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per completed epoch
+    elapsed_s: float = 0.0  # wall time of earlier attempts (before the checkpoint we resumed)
+    train_s: float = 0.0  # training time of completed epochs (no evaluation)
+    epoch_s: float = 0.0  # training time already spent in the current epoch by earlier attempts
+    acc: dict[str, torch.Tensor] = field(default_factory=dict)  # _accumulators
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict, device) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.acc = {k: v.to(device) for k, v in self.acc.items()}
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=print) -> dict:
-    """Train one run in `run_dir` (resuming from its checkpoint if any) and return its summary."""
-    run_dir = Path(run_dir)
-    t_start = time.perf_counter()
-    config = run_config(cfg)
-    fp = checkpoint.fingerprint(config)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    use_amp = device.type == "cuda" if cfg.amp == "auto" else cfg.amp is True
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+class Run:
+    """One run's objects (config, data, model, optimizer, schedule, recorder) and its state."""
 
-    # Data: decoded once, cached; subsets drawn with a seed of their own.
-    ds = data.select(data.load_cifar10(cfg.data.root, cfg.data.cache_dir), cfg.data.subset,
-                     cfg.data.test_subset, cfg.data.val_split, cfg.seed).to(device)
-    if cfg.batch_size > len(ds.train):
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(ds.train)} images); lower it or raise data.subset")
-    train_batches = data.Batches(ds.train, cfg.batch_size, device, train=True, seed=cfg.seed,
-                                 crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
-    test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False)
-    val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False) if ds.val else None
+    def __init__(self, cfg: DictConfig, run_dir: Path, log):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.t_start = time.perf_counter()
+        self.config = identity.run_config(cfg)
+        self.fingerprint = identity.fingerprint(self.config)
+        self.device = device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        use_amp = device.type == "cuda" if cfg.amp == "auto" else cfg.amp is True
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
-    seed_everything(cfg.seed)
-    model = make_model(cfg).to(device)
-    lr = scaled_lr(cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
-                                weight_decay=cfg.optim.weight_decay)
-    steps_per_epoch = len(train_batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = make_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
+        # Data: decoded once, cached; subsets drawn with a seed of their own.
+        self.ds = ds = data.select(data.load_cifar10(cfg.data.root, cfg.data.cache_dir), cfg.data.subset,
+                                   cfg.data.test_subset, cfg.data.val_split, cfg.seed).to(device)
+        if cfg.batch_size > len(ds.train):
+            raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(ds.train)} images); "
+                            "lower it or raise data.subset")
+        self.train_batches = self.train_batches_from(cfg.seed)
+        self.test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False)
+        self.val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False) if ds.val else None
+        self.steps_per_epoch = len(self.train_batches)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
 
-    # Resume: the checkpoint says how many epochs and batches are done.
-    epoch, batch_in_epoch, step, best_test_acc, best_val_acc, elapsed_before = 0, 0, 0, -1.0, None, 0.0
-    train_seconds_before, rows, epoch_seconds_before = 0.0, [], 0.0
-    acc_state = None
-    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
-    if ckpt_path.exists():
-        try:
-            state = checkpoint.load(ckpt_path, fp)
-        except checkpoint.BadCheckpoint as e:
-            if cfg.on_bad_checkpoint == "stop":
-                raise UserError(f"{e}; delete it to start over, or set on_bad_checkpoint=restart") from None
-            log(f"warning: {e}; starting this run from scratch")
-            ckpt_path.unlink()
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            checkpoint.set_rng_state(state["rng"])
-            epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-            best_test_acc, best_val_acc = state["best_test_acc"], state["best_val_acc"]
-            elapsed_before, train_seconds_before, rows = state["elapsed"], state["train_seconds"], state["rows"]
-            acc_state = state["accumulators"]
-            epoch_seconds_before = state.get("epoch_seconds", 0.0)
-            if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
-                log(f"warning: resuming with {torch.get_num_threads()} CPU threads, the checkpoint was written with "
-                    f"{state['threads']}: CPU results may differ from an uninterrupted run in the last digits")
-            log(f"resuming {cfg.run_name} from epoch {epoch} batch {batch_in_epoch} (step {step})")
+        seed_everything(cfg.seed)
+        self.model = model = make_model(cfg).to(device)
+        norms.set_training_length(model, self.total_steps)
+        self.lr = identity.effective_lr(cfg)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=cfg.optim.momentum,
+                                         nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+                                         weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
+        self.state = RunState(acc=_accumulators(device))
+        self.ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
+        self.recorder: RunRecorder | None = None
+        # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
+        self.log_every, self.gap_every = int(cfg.log_every), int(cfg.stat_gap_every or 0)
+        self.ckpt_every = int(cfg.ckpt_every or 0)
+        self.sync_every = 1 if device.type == "cpu" else self.log_every  # a host sync is free on the CPU
 
-    # Every check has passed: an older summary.json (another config's) is no longer this run's.
-    (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
-    if step == 0:  # a fresh start: events and temp files of an abandoned attempt go
-        for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
-            stale.unlink()
-    # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
-    recorder = RunRecorder(run_dir, purge_step=step + 1 if step else None)
-    recorder.rows = list(rows)
-    recorder.hparams({k: v for k, v in run_identity(cfg).items() if k not in ("run_name", "norm_batch")})
-    if step == 0:  # data-dependent init (WN with init=data; a no-op otherwise) on a fixed random batch
-        n_init = min(len(ds.train), 256)
-        n_init -= n_init % (cfg.norm.get("virtual_batch") or 1)  # mean-only BN may use ghost batches
-        init_idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:n_init]
-        norms.data_dependent_init(model, train_batches.normalize(ds.train.x[init_idx.to(device)]))
-    precise_n = norms.precise_bn_batches(model)
+    def train_batches_from(self, seed: int) -> data.Batches:
+        cfg = self.cfg
+        return data.Batches(self.ds.train, cfg.batch_size, self.device, train=True, seed=seed,
+                            crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
 
-    def accumulators():
-        z = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-        return {"loss_sum": z(), "correct": z(torch.long), "seen": z(torch.long),
-                "window_loss": z(), "window_n": z(torch.long), "first_bad_step": z(torch.long) - 1}
+    def images_seen(self, step: int) -> int:
+        """TensorBoard's x axis: training images seen after `step` steps (one epoch = the training set)."""
+        return step * len(self.ds.train) // self.steps_per_epoch
 
-    def save_checkpoint():
-        if not recorder.enabled:  # rank 0 writes for everyone (tracking.rank)
+    # -- checkpoints ---------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the run folder's checkpoint, if there is a usable one."""
+        if not self.ckpt_path.exists():
             return
-        checkpoint.save(ckpt_path, {
-            "fingerprint": fp, "describe": f"{cfg.model.name}/{cfg.norm.name}/bs{cfg.batch_size}",
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": checkpoint.rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-            "best_test_acc": best_test_acc, "best_val_acc": best_val_acc, "rows": recorder.rows,
-            "elapsed": elapsed_before + time.perf_counter() - t_start,
-            "train_seconds": train_seconds_before + train_seconds, "accumulators": acc,
-            "epoch_seconds": epoch_seconds_before + time.perf_counter() - t_epoch if batch_in_epoch else 0.0,
+        try:
+            saved = checkpoint.load(self.ckpt_path, self.fingerprint)
+        except checkpoint.BadCheckpoint as e:
+            if self.cfg.on_bad_checkpoint == "stop":
+                raise UserError(f"{e}; delete it to start over, or set on_bad_checkpoint=restart") from None
+            self.log(f"warning: {e}; starting this run from scratch")
+            self.ckpt_path.unlink()
+            return
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        checkpoint.set_rng_state(saved["rng"])
+        self.state.load_state_dict(saved["run"], self.device)
+        if saved["threads"] != torch.get_num_threads():
+            self.log(f"warning: resuming with {torch.get_num_threads()} CPU threads, the checkpoint was written with "
+                     f"{saved['threads']}: CPU results may differ from an uninterrupted run in the last digits")
+        s = self.state
+        self.log(f"resuming {self.cfg.run_name} from epoch {s.epoch} batch {s.batch_in_epoch} (step {s.step})")
+
+    def save_checkpoint(self, epoch_s_so_far: float = 0.0) -> None:
+        if not self.recorder.enabled:  # rank 0 writes for everyone (tracking.rank)
+            return
+        run_state = self.state.state_dict()
+        run_state["elapsed_s"] = self.state.elapsed_s + time.perf_counter() - self.t_start
+        run_state["epoch_s"] = epoch_s_so_far
+        checkpoint.save(self.ckpt_path, {
+            "fingerprint": self.fingerprint, "describe": f"{self.cfg.model.name}/{self.cfg.norm.name}/bs{self.cfg.batch_size}",
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "run": run_state,
             "threads": torch.get_num_threads(),
         })
 
-    def check_divergence() -> int | None:
-        bad = int(acc["first_bad_step"].item())
+    def start_recording(self) -> None:
+        """Open the run's logs; a fresh start first clears what an abandoned attempt left."""
+        run_dir, step = self.run_dir, self.state.step
+        # Every check has passed: an older summary.json (another config's) is no longer this run's.
+        (run_dir / summary.SUMMARY_NAME).unlink(missing_ok=True)
+        if step == 0:  # events and temp files of an abandoned attempt go
+            for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
+                stale.unlink()
+        # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
+        self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None)
+        self.recorder.rows = list(self.state.rows)
+        self.recorder.hparams({k: v for k, v in identity.run_identity(self.cfg).items()
+                               if k not in ("run_name", "norm_batch")})
+
+    def data_dependent_init(self) -> None:
+        """WN with init=data (a no-op otherwise), on a fixed random batch, before the first step."""
+        ds, cfg = self.ds, self.cfg
+        n_init = min(len(ds.train), 256)
+        n_init -= n_init % (cfg.norm.get("virtual_batch") or 1)  # mean-only BN may use ghost batches
+        init_idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(cfg.seed))[:n_init]
+        norms.data_dependent_init(self.model, self.train_batches.normalize(ds.train.x[init_idx.to(self.device)]))
+
+    # -- one epoch of steps --------------------------------------------------------------
+    def train_epoch(self, bar=None) -> int | None:
+        """Train to the end of the current epoch; returns the first step with a non-finite loss, if any."""
+        s, acc, model, recorder = self.state, self.state.acc, self.model, self.recorder
+        model.train()
+        self._sync()
+        t_epoch = time.perf_counter()
+        for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch):
+            record_gaps = self.gap_every and s.step % self.gap_every == 0
+            with self.autocast(), (norms.recording_batch_stats(model) if record_gaps else contextlib.nullcontext()):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            # Everything below stays on the device: no host sync per step.
+            loss_d = loss.detach()
+            acc["first_bad_step"] = torch.where((acc["first_bad_step"] < 0) & ~torch.isfinite(loss_d),
+                                                s.step, acc["first_bad_step"])
+            acc["loss_sum"] += loss_d * len(y)
+            acc["correct"] += (logits.detach().argmax(1) == y).sum()
+            acc["seen"] += len(y)
+            acc["window_loss"] += loss_d
+            acc["window_n"] += 1
+            s.step += 1
+            s.batch_in_epoch += 1
+            if bar is not None:
+                bar.update(1)
+            x_axis = self.images_seen(s.step)
+            if record_gaps:
+                self.log_stat_gaps(x_axis)
+            if s.step % self.sync_every == 0 and self.diverged_at() is not None:
+                return self.diverged_at()
+            if s.step % self.log_every == 0:
+                recorder.scalar("train/loss", acc["window_loss"] / acc["window_n"], x_axis)
+                recorder.scalar("lr", self.scheduler.get_last_lr()[0], x_axis)
+                for tag, value in norms.schedule_scalars(model).items():
+                    recorder.scalar(tag, value, x_axis)
+                acc["window_loss"].zero_()
+                acc["window_n"].zero_()
+            if self.ckpt_every and s.step % self.ckpt_every == 0 and s.batch_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint(s.epoch_s + time.perf_counter() - t_epoch)
+        self._sync()
+        self.epoch_seconds = s.epoch_s + time.perf_counter() - t_epoch
+        s.epoch_s = 0.0
+        return self.diverged_at()
+
+    def log_stat_gaps(self, x_axis: int) -> None:
+        """BN train/eval statistic gaps of the step just taken, one host sync for all layers."""
+        gaps = norms.batch_stat_gaps(self.model)
+        if gaps:
+            values = torch.stack([torch.stack(pair).float() for pair in gaps.values()]).tolist()
+            for layer, (mean_gap, logvar_gap) in zip(gaps, values):
+                self.recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, x_axis)
+                self.recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, x_axis)
+
+    def diverged_at(self) -> int | None:
+        bad = int(self.state.acc["first_bad_step"].item())
         return bad if bad >= 0 else None
 
-    def summary(status: str, reason: str | None = None, diverged_step: int | None = None) -> dict:
-        last = recorder.rows[-1] if recorder.rows else {}
-        total_train_s = train_seconds_before + train_seconds
-        images = len(recorder.rows) * steps_per_epoch * cfg.batch_size
-        return {
-            **run_identity(cfg), "status": status, "reason": reason, "lr_effective": lr, "epochs_done": len(recorder.rows),
-            "steps_done": step, "test_acc": last.get("test_acc"), "best_test_acc": best_test_acc if best_test_acc >= 0 else None,
-            "test_loss": last.get("test_loss"), "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
-            "val_acc": last.get("val_acc"), "best_val_acc": best_val_acc,
-            "wall_time_s": round(elapsed_before + time.perf_counter() - t_start, 3),
-            "seconds_per_epoch": round(total_train_s / len(recorder.rows), 3) if recorder.rows else None,
-            "images_per_s": round(images / total_train_s, 1) if total_train_s > 0 and images else None,
-            "diverged_step": diverged_step, "train_size": len(ds.train), "test_size": len(ds.test),
-            "val_size": len(ds.val) if ds.val else 0, "device": str(device), "fingerprint": fp,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config,
-        }
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
+    # -- the end of an epoch -------------------------------------------------------------
+    def end_epoch(self) -> None:
+        """Evaluate (after PreciseBN, if asked), log the epoch's row and scalars, checkpoint."""
+        cfg, s, acc, recorder = self.cfg, self.state, self.state.acc, self.recorder
+        precise_n = norms.precise_bn_batches(self.model)
+        if precise_n:  # batches of their own, so the run's data order is not disturbed
+            extra = self.train_batches_from(cfg.seed + 104729)
+            norms.precise_bn_update(self.model, (x for x, _ in _take(extra.epoch(s.epoch), precise_n)))
+        test_loss, test_acc = evaluate(self.model, self.test_batches, self.autocast)
+        val_loss, val_acc = evaluate(self.model, self.val_batches, self.autocast) if self.val_batches else (None, None)
+        s.epoch += 1
+        loss_sum, correct, seen = reduce_sum(acc["loss_sum"], acc["correct"], acc["seen"])
+        seen = seen.item()
+        row = {"epoch": s.epoch, "step": s.step, "train_loss": loss_sum.item() / seen,
+               "train_acc": 100.0 * correct.item() / seen, "test_loss": test_loss, "test_acc": test_acc,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
+               "seconds": round(self.epoch_seconds, 3)}
+        s.train_s += self.epoch_seconds
+        s.best_test_acc = max(s.best_test_acc if s.best_test_acc is not None else -1.0, test_acc)
+        if val_acc is not None:
+            s.best_val_acc = max(s.best_val_acc or 0.0, val_acc)
+        x_axis = self.images_seen(s.step)
+        for tag, key in (("train/loss_epoch", "train_loss"), ("train/acc", "train_acc"), ("test/loss", "test_loss"),
+                         ("test/acc", "test_acc"), ("val/loss", "val_loss"), ("val/acc", "val_acc")):
+            if row[key] is not None:
+                recorder.scalar(tag, row[key], x_axis)
+        recorder.scalar("perf/images_per_s", self.steps_per_epoch * cfg.batch_size / self.epoch_seconds, x_axis)
+        recorder.scalar("perf/seconds_per_epoch", self.epoch_seconds, x_axis)
+        recorder.epoch_row(row)
+        s.rows = list(recorder.rows)
+        self.log(f"{cfg.run_name} epoch {s.epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_acc']:.2f}% | test loss {test_loss:.4f} acc {test_acc:.2f}% | {self.epoch_seconds:.1f}s")
+        s.batch_in_epoch = 0
+        acc.update({k: torch.zeros_like(acc[k]) for k in ("loss_sum", "correct", "seen")})
+        self.save_checkpoint()
+
+    # -- the end of the run --------------------------------------------------------------
+    def finish(self, status: str, diverged_step: int | None = None) -> dict:
+        """Write summary.json (last: it marks the run finished) and return it."""
+        s, cfg = self.state, self.cfg
+        if status == summary.DIVERGED:
+            self.log(f"diverged: non-finite loss at step {diverged_step}; the run stops here")
+        else:
+            self.recorder.scalar("summary/best_test_acc", s.best_test_acc, self.images_seen(s.step))
+        last = s.rows[-1] if s.rows else {}
+        images = len(s.rows) * self.steps_per_epoch * cfg.batch_size
+        record = summary.new(
+            identity.run_identity(cfg), status,
+            reason=f"non-finite loss at step {diverged_step}" if status == summary.DIVERGED else None,
+            epochs_done=len(s.rows), steps_done=s.step, test_acc=last.get("test_acc"), best_test_acc=s.best_test_acc,
+            test_loss=last.get("test_loss"), train_loss=last.get("train_loss"), train_acc=last.get("train_acc"),
+            val_acc=last.get("val_acc"), best_val_acc=s.best_val_acc,
+            wall_time_s=round(s.elapsed_s + time.perf_counter() - self.t_start, 3),
+            seconds_per_epoch=round(s.train_s / len(s.rows), 3) if s.rows else None,
+            images_per_s=round(images / s.train_s, 1) if s.train_s > 0 and images else None,
+            diverged_step=diverged_step, train_size=len(self.ds.train), test_size=len(self.ds.test),
+            val_size=len(self.ds.val) if self.ds.val else 0, device=str(self.device), fingerprint=self.fingerprint,
+            config=self.config)
+        self.recorder.summary(record)
+        return record
+
+
+def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=print) -> dict:
+    """Train one run in `run_dir` (resuming from its checkpoint if any) and return its summary."""
+    run = Run(cfg, Path(run_dir), log)
+    run.resume()
+    run.start_recording()
+    if run.state.step == 0:
+        run.data_dependent_init()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=cfg.run_name, leave=False, dynamic_ncols=True)
-    train_seconds, t_epoch = 0.0, time.perf_counter()
-    acc = {k: v.to(device) for k, v in acc_state.items()} if acc_state else accumulators()
-    # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
-    log_every, gap_every, ckpt_every = int(cfg.log_every), int(cfg.stat_gap_every or 0), int(cfg.ckpt_every or 0)
-    sync_every = 1 if device.type == "cpu" else log_every  # a host sync is free on the CPU
+        bar = tqdm(total=run.total_steps, initial=run.state.step, desc=cfg.run_name, leave=False, dynamic_ncols=True)
     try:
-        while epoch < cfg.epochs:
-            model.train()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_epoch = time.perf_counter()
-            for x, y in train_batches.epoch(epoch, start=batch_in_epoch):
-                record_gaps = gap_every and step % gap_every == 0
-                with autocast(), (norms.recording_batch_stats(model) if record_gaps else contextlib.nullcontext()):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                # Everything below stays on the device: no host sync per step.
-                loss_d = loss.detach()
-                acc["first_bad_step"] = torch.where((acc["first_bad_step"] < 0) & ~torch.isfinite(loss_d),
-                                                    step, acc["first_bad_step"])
-                acc["loss_sum"] += loss_d * len(y)
-                acc["correct"] += (logits.detach().argmax(1) == y).sum()
-                acc["seen"] += len(y)
-                acc["window_loss"] += loss_d
-                acc["window_n"] += 1
-                step += 1
-                batch_in_epoch += 1
-                if bar is not None:
-                    bar.update(1)
-                if record_gaps:
-                    gaps = norms.batch_stat_gaps(model)
-                    if gaps:  # one host sync for all layers
-                        values = torch.stack([torch.stack(pair).float() for pair in gaps.values()]).tolist()
-                        for layer, (mean_gap, logvar_gap) in zip(gaps, values):
-                            recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, step)
-                            recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, step)
-                if step % sync_every == 0:
-                    bad = check_divergence()
-                    if bad is not None:
-                        return _diverged(recorder, summary, bad, log)
-                if step % log_every == 0:
-                    recorder.scalar("train/loss", acc["window_loss"] / acc["window_n"], step)
-                    recorder.scalar("lr", scheduler.get_last_lr()[0], step)
-                    acc["window_loss"].zero_()
-                    acc["window_n"].zero_()
-                if ckpt_every and step % ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
-                    save_checkpoint()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_seconds = epoch_seconds_before + time.perf_counter() - t_epoch
-            epoch_seconds_before = 0.0
-            train_seconds += epoch_seconds
-            bad = check_divergence()
-            if bad is not None:
-                return _diverged(recorder, summary, bad, log)
-
-            # End of epoch: evaluate (PreciseBN first, if asked), log, checkpoint.
-            if precise_n:
-                extra = data.Batches(ds.train, cfg.batch_size, device, train=True, seed=cfg.seed + 104729,
-                                     crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
-                norms.precise_bn_update(model, (x for x, _ in _take(extra.epoch(epoch), precise_n)))
-            test_loss, test_acc = evaluate(model, test_batches, autocast)
-            val_loss, val_acc = evaluate(model, val_batches, autocast) if val_batches else (None, None)
-            epoch += 1
-            seen = int(acc["seen"].item())
-            row = {"epoch": epoch, "step": step, "train_loss": acc["loss_sum"].item() / seen,
-                   "train_acc": 100.0 * acc["correct"].item() / seen, "test_loss": test_loss, "test_acc": test_acc,
-                   "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(epoch_seconds, 3)}
-            best_test_acc = max(best_test_acc, test_acc)
-            if val_acc is not None:
-                best_val_acc = max(best_val_acc or 0.0, val_acc)
-            for tag, key in (("train/loss_epoch", "train_loss"), ("train/acc", "train_acc"), ("test/loss", "test_loss"),
-                             ("test/acc", "test_acc"), ("val/loss", "val_loss"), ("val/acc", "val_acc")):
-                if row[key] is not None:
-                    recorder.scalar(tag, row[key], step)
-            recorder.scalar("perf/images_per_s", steps_per_epoch * cfg.batch_size / epoch_seconds, step)
-            recorder.scalar("perf/seconds_per_epoch", epoch_seconds, step)
-            recorder.epoch_row(row)
-            log(f"{cfg.run_name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
-                f"test loss {test_loss:.4f} acc {test_acc:.2f}% | {epoch_seconds:.1f}s")
-            batch_in_epoch = 0
-            acc.update({k: torch.zeros_like(acc[k]) for k in ("loss_sum", "correct", "seen")})
-            save_checkpoint()
-        recorder.scalar("summary/best_test_acc", best_test_acc, step)
-        result = summary("completed")
-        recorder.summary(result)
-        return result
+        while run.state.epoch < cfg.epochs:
+            bad_step = run.train_epoch(bar)
+            if bad_step is not None:
+                return run.finish(summary.DIVERGED, diverged_step=bad_step)
+            run.end_epoch()
+        return run.finish(summary.COMPLETED)
     finally:
         if bar is not None:
             bar.close()
-        recorder.close()
+        run.recorder.close()
 
 
 def _take(iterator, n):
@@ -373,10 +421,3 @@ def _take(iterator, n):
         if i >= n:
             return
         yield item
-
-
-def _diverged(recorder: RunRecorder, summary, bad_step: int, log) -> dict:
-    log(f"diverged: non-finite loss at step {bad_step}; the run stops here")
-    result = summary("diverged", reason=f"non-finite loss at step {bad_step}", diverged_step=bad_step)
-    recorder.summary(result)
-    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,15 @@ from normbench.norms import (
     precise_bn_update,
     print_norms,
     recording_batch_stats,
+    schedule_scalars,
+    set_training_length,
 )
 from normbench.norms.activation import MeanOnlyBatchNorm
 
 torch.set_num_threads(1)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "norm"
-EXPECTED_NAMES = ["none", "bn", "ln", "in", "gn", "brn", "lrn", "frn", "evonorm_s0", "wn", "sn", "gn_ws"]
+EXPECTED_NAMES = ["none", "bn", "brn", "gn", "ln", "in", "wn", "sn", "gn_ws", "frn", "evonorm_s0", "lrn"]
 
 
 def structured_input(n=4, c=16, h=5, w=6, seed=0) -> torch.Tensor:
@@ -179,7 +182,7 @@ def test_group_count_incompatible_raises(name):
 def test_normalization_axes(name):
     torch.manual_seed(0)
     x = structured_input()
-    m = build_norm(name, x.shape[1]).train()
+    m = set_training_length(build_norm(name, x.shape[1]).train(), 100)
     y = m(x).detach()
     pos, neg = AXES[name]
     for g in pos:
@@ -204,9 +207,8 @@ def test_mean_only_bn_axes():
 
 def test_frn_normalizes_second_moment_over_hw():
     x = structured_input()
-    m = build_norm("frn", x.shape[1]).train()
-    with torch.no_grad():
-        m.tau.fill_(-1e9)  # disable TLU to look at gamma*x_hat+beta
+    m = build_norm("frn", x.shape[1]).train()  # without its activation: no TLU, gamma*x_hat+beta
+    assert m.tau is None
     y = m(x).detach()
     u = units(y, "in")
     assert (u.square().mean(1) - 1).abs().max() < 1e-3  # nu^2 over (H, W) = 1
@@ -233,28 +235,37 @@ def test_per_channel_affine(name):
     assert isinstance(build_norm("wn", c, mean_only_bn=True).bias, nn.Parameter)
 
 
-def small_convnet(name: str, c: int = 16, **opts) -> nn.Module:
+def small_convnet(name: str, c: int = 16, total_steps: int = 100, **opts) -> nn.Module:
     norm = norm_layer_factory(name, **opts)
     model = nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
-        nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+        nn.Conv2d(3, c, 3, padding=1, bias=False), norm(c, apply_act=True),
+        nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c, apply_act=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10),
     )
+    set_training_length(model, total_steps)  # Batch Renorm's relaxation is a fraction of the run
     return apply_weight_reparam(model, name, **opts)
 
 
 @pytest.mark.parametrize("name", EXPECTED_NAMES)
 @pytest.mark.parametrize("bs", [1, 2])
 def test_trains_at_batch_size_1_and_2(name, bs):
+    """Not only finite: a few SGD steps on one fixed small batch lower its loss (the layer learns)."""
     torch.manual_seed(0)
     opts = {"init": "data"} if name == "wn" else {}
-    model = small_convnet(name, **opts).train()
-    x = torch.randn(bs, 3, 4, 4)
+    model = small_convnet(name, total_steps=30, **opts).train()
+    x, y = torch.randn(bs, 3, 4, 4), torch.arange(bs)
     data_dependent_init(model, torch.randn(8, 3, 4, 4))  # init batch larger than the training batch
-    loss = F.cross_entropy(model(x), torch.arange(bs))
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses))
+    assert losses[-1] < 0.5 * losses[0], (name, bs, losses[0], losses[-1])
     model.eval()
     assert torch.isfinite(model(x)).all()
 
@@ -386,8 +397,8 @@ def test_brn_with_unit_limits_equals_bn():
     x = structured_input(c=3)
     w, b = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3])
     rm, rv = torch.tensor([5.0, -3.0, 0.5]), torch.tensor([9.0, 0.1, 4.0])
-    for opts in ({"r_max": 1.0, "d_max": 0.0, "relax_start": 0, "r_relax_steps": 0, "d_relax_steps": 0}, {}):
-        brn = build_norm("brn", 3, **opts).train()
+    for opts in ({"r_max": 1.0, "d_max": 0.0, "relax_unit": "steps", "relax_start": 0, "r_relax": 0, "d_relax": 0}, {}):
+        brn = set_training_length(build_norm("brn", 3, **opts).train(), 1000)  # step 0: limits (1, 0) either way
         bn = build_norm("bn", 3, momentum=0.01).train()
         _set_stats(brn, rm, rv, w, b)
         _set_stats(bn, rm, rv, w, b)
@@ -408,7 +419,7 @@ def test_brn_clipping_formula():
     sig = (rv + eps).sqrt()
     rm = torch.stack([bm[0] - 2 * sig[0], bm[1] + 2 * sig[1], bm[2] - 0.2 * sig[2], bm[3] + 0.3 * sig[3]])
     w, b = torch.tensor([1.5, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
-    brn = build_norm("brn", 4, r_max=1.5, d_max=0.5, relax_start=0, r_relax_steps=0, d_relax_steps=0).train()
+    brn = build_norm("brn", 4, r_max=1.5, d_max=0.5, relax_unit="steps", relax_start=0, r_relax=0, d_relax=0).train()
     _set_stats(brn, rm, rv, w, b)
     r = (sb / sig).clamp(1 / 1.5, 1.5)
     d = ((bm - rm) / sig).clamp(-0.5, 0.5)
@@ -429,7 +440,7 @@ def test_brn_clipping_formula():
 
 
 def test_brn_relaxation_schedule_and_state_dict():
-    brn = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_start=2, r_relax_steps=4, d_relax_steps=2).train()
+    brn = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_unit="steps", relax_start=2, r_relax=4, d_relax=2).train()
     x = torch.randn(2, 2, 3, 3)
     seen = []
     for _ in range(7):
@@ -440,7 +451,7 @@ def test_brn_relaxation_schedule_and_state_dict():
     assert int(brn.num_steps) == 7
     brn.eval()(x)  # eval does not count
     assert int(brn.num_steps) == 7
-    fresh = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_start=2, r_relax_steps=4, d_relax_steps=2)
+    fresh = build_norm("brn", 2, r_max=3.0, d_max=5.0, relax_unit="steps", relax_start=2, r_relax=4, d_relax=2)
     fresh.load_state_dict(brn.state_dict())
     assert int(fresh.num_steps) == 7 and float(fresh.current_limits()[0]) == 3.0
 
@@ -450,7 +461,7 @@ def test_brn_no_gradient_through_r_and_d():
     x0 = structured_input(n=4, c=3)
     bm, bv = x0.mean((0, 2, 3)), x0.var((0, 2, 3), unbiased=False)
     rm, rv = bm + torch.tensor([0.5, -0.3, 0.2]), bv * torch.tensor([2.0, 0.6, 1.3])  # r != 1, d != 0, unclipped
-    brn = build_norm("brn", 3, r_max=10.0, d_max=10.0, relax_start=0, r_relax_steps=0, d_relax_steps=0).train()
+    brn = build_norm("brn", 3, r_max=10.0, d_max=10.0, relax_unit="steps", relax_start=0, r_relax=0, d_relax=0).train()
     _set_stats(brn, rm, rv)
     upstream = torch.randn_like(x0)
 
@@ -482,7 +493,7 @@ def test_brn_no_gradient_through_r_and_d():
 def test_frn_formula(learnable_eps):
     torch.manual_seed(0)
     x = structured_input(n=2, c=4)
-    m = build_norm("frn", 4, eps=1e-6, learnable_eps=learnable_eps)
+    m = build_norm("frn", 4, apply_act=True, eps=1e-6, learnable_eps=learnable_eps)
     with torch.no_grad():
         m.weight.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
         m.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
@@ -501,7 +512,7 @@ def test_frn_formula(learnable_eps):
 def test_evonorm_s0_formula():
     torch.manual_seed(0)
     x = structured_input(n=3, c=8)
-    m = build_norm("evonorm_s0", 8, groups=4)
+    m = build_norm("evonorm_s0", 8, apply_act=True, groups=4)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(8))
@@ -664,6 +675,7 @@ def test_recording_batch_stats_and_gaps():
         nn.Conv2d(4, 4, 3, padding=1), build_norm("brn", 4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding=1), build_norm("wn", 4, mean_only_bn=True),
     ).train()
+    set_training_length(model, 100)
     x = torch.randn(4, 3, 5, 5) * 2 + 1
     model(x)
     assert batch_stat_gaps(model) == {}  # nothing recorded outside the context
@@ -689,7 +701,7 @@ def test_recording_batch_stats_and_gaps():
     assert batch_stat_gaps(model) == {}
 
 
-@pytest.mark.parametrize("name,opts", [("bn", {}), ("bn", {"virtual_batch": 2}), ("brn", {"relax_start": 0}),
+@pytest.mark.parametrize("name,opts", [("bn", {}), ("bn", {"virtual_batch": 2}), ("brn", {"relax_start": 0.0}),
                                        ("wn", {"mean_only_bn": True})])
 def test_batch_stat_layers_under_autocast(name, opts):
     torch.manual_seed(0)
@@ -703,3 +715,123 @@ def test_batch_stat_layers_under_autocast(name, opts):
         if hasattr(m, "running_mean"):
             assert m.running_mean.dtype == torch.float32 and torch.isfinite(m.running_mean).all()
     assert len(batch_stat_gaps(model)) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Options that a broken layer would silently ignore (each test fails if the option is dropped)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gn", "gn_ws", "evonorm_s0"])
+def test_group_size_means_channels_per_group(name):
+    """group_size=4 on 24 channels is 6 groups of 4 channels (not 4 groups of 6)."""
+    m = build_norm(name, 24, group_size=4)
+    assert (m.num_groups if hasattr(m, "num_groups") else m.groups) == 6
+    if name != "evonorm_s0":
+        y = m(structured_input(c=24)).detach()
+        per_group = y.reshape(4 * 6, -1)  # (sample, group of 4 channels)
+        assert per_group.mean(1).abs().max() < 1e-4 and (per_group.var(1, unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_ghost_brn_equals_brn_group_by_group():
+    torch.manual_seed(0)
+    x = structured_input(n=6, c=3)
+    opts = dict(r_max=1.5, d_max=0.5, relax_unit="steps", relax_start=0, r_relax=0, d_relax=0)
+    rm, rv = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([4.0, 0.5, 9.0])
+    ghost = build_norm("brn", 3, virtual_batch=2, **opts).train()
+    _set_stats(ghost, rm, rv)
+    singles = []
+    for g in range(3):
+        layer = build_norm("brn", 3, **opts).train()
+        _set_stats(layer, rm, rv)
+        singles.append((layer, layer(x[2 * g:2 * g + 2])))
+    torch.testing.assert_close(ghost(x), torch.cat([out for _, out in singles]))
+    # running statistics: the average of the three groups' updates from the same start
+    torch.testing.assert_close(ghost.running_mean, torch.stack([m.running_mean for m, _ in singles]).mean(0))
+    torch.testing.assert_close(ghost.running_var, torch.stack([m.running_var for m, _ in singles]).mean(0))
+    plain = build_norm("brn", 3, **opts).train()
+    _set_stats(plain, rm, rv)
+    assert not torch.allclose(plain(x), ghost.eval().train()(x))  # the grouping matters for this input
+
+
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_spectral_norm_runs_its_power_iterations(n_iter):
+    """One training forward does exactly n_power_iterations steps from the stored (u, v)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3)
+    apply_weight_reparam(conv, "sn", n_power_iterations=n_iter)
+    sn = conv.parametrizations.weight[0]
+    w = conv.parametrizations.weight.original.detach().flatten(1)
+    g = torch.Generator().manual_seed(1)
+    u0, v0 = F.normalize(torch.randn(5, generator=g), dim=0), F.normalize(torch.randn(27, generator=g), dim=0)
+    sn._u.copy_(u0)
+    sn._v.copy_(v0)
+    conv.train()
+    got = conv.weight.detach().flatten(1)
+    u, v = u0, v0
+    for _ in range(n_iter):  # torch's order: u from v, then v from u
+        u = F.normalize(w @ v, dim=0)
+        v = F.normalize(w.T @ u, dim=0)
+    sigma = u @ w @ v
+    torch.testing.assert_close(got, w / sigma)
+    u1 = F.normalize(w @ v0, dim=0)
+    sigma_one_step = u1 @ w @ F.normalize(w.T @ u1, dim=0)
+    assert (n_iter == 1) == torch.allclose(got, w / sigma_one_step)
+
+
+def test_weight_norm_with_exp_g_starts_at_the_original_weight():
+    torch.manual_seed(0)
+    for opts in ({"exp_g": True}, {"exp_g": False}):
+        conv = nn.Conv2d(3, 4, 3)
+        original = conv.weight.detach().clone()
+        apply_weight_reparam(conv, "wn", **opts)
+        torch.testing.assert_close(conv.weight, original)
+        if opts["exp_g"]:  # the trained parameter is s = log ||v||
+            torch.testing.assert_close(conv.parametrizations.weight.original0.exp().flatten(),
+                                       original.flatten(1).norm(dim=1))
+
+
+def test_frn_learnable_eps_stays_positive():
+    """eps_total = eps + |eps_l|: a negative learned eps_l must not make the denominator negative."""
+    m = build_norm("frn", 2, apply_act=True, learnable_eps=True)
+    with torch.no_grad():
+        m.eps_learned.fill_(-1e-3)
+        m.weight.fill_(1.0)
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0] = 0.01  # a tiny response: nu2 = 1e-4, so the sign of eps decides the result
+    out = m(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0], torch.full((3, 3), 0.01 / math.sqrt(1e-4 + 1e-6 + 1e-3)))
+
+
+def test_frn_and_evonorm_without_activation():
+    """apply_act=False: FRN without its TLU (no tau), EvoNorm-S0 without its gate (gamma x + beta)."""
+    x = structured_input(n=2, c=8)
+    frn = build_norm("frn", 8)
+    assert frn.tau is None and (frn(x) < 0).any()
+    evo = build_norm("evonorm_s0", 8)
+    with torch.no_grad():
+        evo.weight.copy_(torch.linspace(0.5, 2, 8))
+        evo.bias.fill_(0.3)
+    assert evo.v is None
+    torch.testing.assert_close(evo(x), x * evo.weight.view(1, -1, 1, 1) + 0.3)
+
+
+def test_brn_relaxes_within_a_short_run():
+    """Fractions of the run: a 100-step run leaves (1, 0) after 5 steps, d_max reaches 5 at step 25
+    and r_max reaches 3 at step 40 (the paper's 5k/25k/40k on a 100k scale)."""
+    brn = set_training_length(build_norm("brn", 2).train(), 100)
+    x = torch.randn(4, 2, 3, 3)
+    limits = {}
+    for step in range(60):
+        limits[step] = tuple(round(float(v), 4) for v in brn.current_limits())
+        brn(x)
+    assert limits[0] == limits[5] == (1.0, 0.0)
+    assert limits[15] == (round(1 + 2 * 10 / 35, 4), 2.5)
+    assert limits[25][1] == 5.0 and limits[25][0] < 3
+    assert limits[40] == (3.0, 5.0) == limits[59]
+    assert schedule_scalars(brn) == {"brn/r_max": torch.tensor(3.0), "brn/d_max": torch.tensor(5.0)}
+    with pytest.raises(RuntimeError, match="set_training_length"):
+        build_norm("brn", 2).train()(x)  # a fraction of an unknown length is refused, not guessed
+    with pytest.raises(NormConfigError, match="fraction"):
+        build_norm("brn", 2, r_relax=2.0)

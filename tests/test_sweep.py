@@ -58,14 +58,16 @@ def test_divergence_and_crash_do_not_stop_the_sweep(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr  # divergence is a result, not an error
     assert sorted(statuses(out).values()) == ["completed", "diverged"]
 
-    crash = sweep(tiny_data, tmp_path / "crash", "norm=gn", "norm.groups=8,7,4")
-    assert crash.returncode == 1  # a run that failed makes the sweep exit non-zero, after all runs
-    assert statuses(tmp_path / "crash") == {"cnn/gn/bs8/lr0.1/seed0": "completed",  # groups=8 is the default
-                                            "cnn/gn-groups4/bs8/lr0.1/seed0": "completed",
-                                            "cnn/gn-groups7/bs8/lr0.1/seed0": "failed"}
-    assert "failed runs:" in crash.stderr and "groups=7" in crash.stderr
+    # A run that fails at run time (here: a batch larger than the training set, known only once the
+    # data is loaded) is recorded; the sweep finishes the other runs, then exits non-zero.
+    crash = sweep(tiny_data, tmp_path / "crash", "norm=gn", "batch_size=8,200,4")
+    assert crash.returncode == 1
+    assert statuses(tmp_path / "crash") == {"cnn/gn/bs8/lr0.1/seed0": "completed",
+                                            "cnn/gn/bs200/lr0.1/seed0": "failed",
+                                            "cnn/gn/bs4/lr0.1/seed0": "completed"}
+    assert "failed runs:" in crash.stderr and "larger than the training set" in crash.stderr
     table = pd.read_csv(report.write_report([tmp_path / "crash"], tmp_path / "crash_report")["table.csv"])
-    assert table.set_index("norm")["n_failed"].to_dict() == {"gn": 0, "gn-groups4": 0, "gn-groups7": 1}
+    assert table.set_index("batch_size")["n_failed"].to_dict() == {4: 0, 8: 0, 200: 1}
 
 
 def test_virtual_batch_identity(tiny_data, tmp_path):

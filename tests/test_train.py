@@ -46,7 +46,7 @@ def test_run_outputs_agree(make_cfg, tmp_path):
     for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "perf/images_per_s"):
         assert tag in tb, tag
     steps_per_epoch = 160 // 8
-    assert [s for s, _ in tb["test/acc"]] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [s for s, _ in tb["test/acc"]] == [160, 320]  # x axis: training images seen
     assert tb["test/acc"][-1][1] == pytest.approx(summary["test_acc"], rel=1e-5)
     assert tb["train/acc"][-1][1] == pytest.approx(summary["train_acc"], rel=1e-5)
     assert tb["test/loss"][0][1] == pytest.approx(float(rows[0]["test_loss"]), rel=1e-5)
@@ -69,7 +69,7 @@ def test_run_outputs_agree(make_cfg, tmp_path):
 
 
 def test_lr_schedule_and_scaling(make_cfg):
-    from normbench.train import scaled_lr
+    from normbench.identity import effective_lr as scaled_lr
 
     assert scaled_lr(make_cfg("batch_size=2", "lr=0.1")) == pytest.approx(0.1 * 2 / 128)
     assert scaled_lr(make_cfg("batch_size=32", "lr=0.1", "optim.lr_scaling=sqrt")) == pytest.approx(0.1 * 0.5)
@@ -154,7 +154,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (run_dir / "summary.json").exists()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert state["batch_in_epoch"] > 0 or state["epoch"] >= 1
+    assert state["run"]["batch_in_epoch"] > 0 or state["run"]["epoch"] >= 1
 
     resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
     assert resumed.returncode == 0, resumed.stderr
@@ -171,7 +171,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
     # TensorBoard: the killed attempt's points past the checkpoint are purged, none are lost
-    assert [s for s, _ in scalars(run_dir)["test/acc"]] == [200, 400, 600]
+    assert [s for s, _ in scalars(run_dir)["test/acc"]] == [400, 800, 1200]  # images seen
     assert [v for _, v in scalars(run_dir)["test/acc"]] == pytest.approx([float(r["test_acc"]) for r in rows_a])
 
 
@@ -179,7 +179,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     ["sched=onecycle"],
     ["norm=bn", "norm.precise_stats=2"],
     ["norm=bn", "norm.virtual_batch=2"],
-    ["norm=brn", "norm.relax_start=2", "norm.r_relax_steps=5", "norm.d_relax_steps=5"],
+    ["norm=brn", "norm.relax_unit=steps", "norm.relax_start=2", "norm.r_relax=5", "norm.d_relax=5"],
     ["norm=wn", "norm.init=data", "norm.exp_g=true"],
     ["norm=wn", "norm.mean_only_bn=true", "norm.virtual_batch=4"],
     ["norm=sn"],
@@ -193,6 +193,42 @@ def test_options_run_end_to_end(make_cfg, overrides):
     assert summary["test_acc"] is not None and summary["train_loss"] == summary["train_loss"]  # not NaN
     if "data.val_split=20" in overrides:
         assert summary["val_size"] == 20 and summary["train_size"] == 100 and summary["val_acc"] is not None
+
+
+def test_tensorboard_x_axis_is_comparable_across_batch_sizes(make_cfg, tmp_path):
+    """Every scalar is logged against training images seen, so a batch-2 and a batch-8 run end at the
+    same x (with optimizer steps they would end at 80 and 20)."""
+    ends = {}
+    for bs in (2, 8):
+        cfg = make_cfg(f"batch_size={bs}", "norm=gn", "epochs=2")
+        run_job(cfg)
+        tb = scalars(tmp_path / "runs" / cfg.run_name)
+        ends[bs] = {tag: tb[tag][-1][0] for tag in ("test/acc", "train/acc", "perf/images_per_s")}
+        assert tb["train/loss"][-1][0] <= 320
+    assert ends[2] == ends[8] == {"test/acc": 320, "train/acc": 320, "perf/images_per_s": 320}
+
+
+def test_brn_limits_move_and_are_logged(make_cfg, tmp_path):
+    """A short run relaxes Batch Renorm's limits (fractions of the run) and TensorBoard shows them."""
+    cfg = make_cfg("norm=brn", "epochs=2", "log_every=2")
+    run_job(cfg)
+    tb = scalars(tmp_path / "runs" / cfg.run_name)
+    r_max, d_max = [v for _, v in tb["brn/r_max"]], [v for _, v in tb["brn/d_max"]]
+    assert r_max[0] == 1.0 and d_max[0] == 0.0  # the warm period (5% of 40 steps)
+    assert r_max[-1] == pytest.approx(3.0) and d_max[-1] == pytest.approx(5.0)  # reached by 40% / 25%
+
+
+def test_effective_lr_in_summary_and_hparams(make_cfg, tmp_path):
+    cfg = make_cfg("batch_size=2", "norm=gn")
+    summary = run_job(cfg)
+    assert summary["lr"] == 0.1 and summary["lr_effective"] == pytest.approx(0.1 * 2 / 128)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tmp_path / "runs" / cfg.run_name))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["lr_effective"].number_value == pytest.approx(0.1 * 2 / 128)
 
 
 def test_precise_bn_sets_population_statistics_before_eval(make_cfg, tmp_path):

@@ -1,12 +1,18 @@
-"""Model registry: `build_model(name, norm=...)` returns a model with its normalization in place."""
+"""Model registry: `build_model(name, norm=...)` returns a model with its normalization in place.
+
+A model's options are the keyword-only parameters of its constructor (with their defaults);
+`conf/model/<name>.yaml` mirrors them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normbench.models.cnn import PlainCNN
 from normbench.models.resnet_cifar import CifarResNet, PreActResNet18
@@ -17,8 +23,12 @@ from normbench.norms import NormConfigError, apply_weight_reparam, norm_layer_fa
 class ModelInfo:
     name: str
     description: str
-    constructor: Callable[..., nn.Module]
-    options: tuple[str, ...] = ()  # model options beyond norm_layer / num_classes / conv_bias
+    constructor: Callable[..., nn.Module]  # constructor(norm_layer=, num_classes=, conv_bias=, **options)
+    options: dict[str, Any] = field(init=False)  # option name -> default, from the constructor's signature
+
+    def __post_init__(self):
+        params = inspect.signature(self.constructor).parameters.values()
+        object.__setattr__(self, "options", {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY})
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -29,18 +39,51 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("resnet56", "CIFAR ResNet-56 (He et al. 2016), 0.85M parameters", partial(CifarResNet, 56)),
         ModelInfo("resnet110", "CIFAR ResNet-110 (He et al. 2016), 1.7M parameters", partial(CifarResNet, 110)),
         ModelInfo("preact_resnet18", "PreAct-ResNet-18 (He et al. 2016b), 11M parameters", PreActResNet18),
-        ModelInfo("cnn", "plain 5-layer CNN, fast on a CPU; norm before or after the ReLU", PlainCNN, ("placement",)),
+        ModelInfo("cnn", "plain 5-layer CNN, fast on a CPU; norm before or after the ReLU", PlainCNN),
     )
 }
 
 
-def _needs_conv_bias(norm_layer: Callable[[int], nn.Module]) -> bool:
-    """Convs feeding a norm with learnable parameters (a shift) need no bias of their own."""
+def _norm_has_shift(norm_layer: Callable[..., nn.Module]) -> bool:
+    """Whether the norm (without activation) has learnable parameters, i.e. a shift of its own."""
     try:
-        probe = norm_layer(64)
+        probe = norm_layer(64, apply_act=False)
     except NormConfigError:
-        return False  # the model's own layers raise it again, naming their channel count
-    return not any(True for _ in probe.parameters())
+        return True  # the model's own layers raise it again, naming their channel count
+    return any(True for _ in probe.parameters())
+
+
+def zero_init_residual(model: nn.Module, norm: str) -> nn.Module:
+    """Make every residual branch start at zero (Goyal et al. 2017; torchvision's zero_init_residual).
+
+    The gamma of the branch's last norm is set to 0; where that slot has no gamma (no norm, wn,
+    sn, affine=False, or a pre-activation block) the branch's last conv is zeroed instead, as
+    SkipInit / Fixup do (weight and bias; for wn its gain g, so the direction v stays and g gets a
+    gradient).
+    """
+    from normbench.norms.weight import ExpGainWeightNorm, mark_initialized
+
+    for block in model.modules():
+        conv = getattr(block, "residual_conv", None)
+        if conv is None:
+            continue
+        gamma = getattr(block.residual_norm, "weight", None)
+        if isinstance(gamma, nn.Parameter) and gamma.ndim == 1:
+            nn.init.zeros_(gamma)
+            continue
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        if not parametrize.is_parametrized(conv, "weight"):
+            nn.init.zeros_(conv.weight)
+        elif hasattr(conv.parametrizations.weight, "original1") and not isinstance(
+                conv.parametrizations.weight[0], ExpGainWeightNorm):  # weight norm w = g v/||v||: g can be 0
+            nn.init.zeros_(conv.parametrizations.weight.original0)
+            mark_initialized(conv)  # data-dependent init would divide by this g
+        else:
+            raise NormConfigError(
+                f"model.zero_init_residual=true with norm={norm}: the residual branch has no gamma and its last "
+                f"conv's weight cannot start at zero under this reparametrization; set model.zero_init_residual=false")
+    return model
 
 
 def build_model(name: str, norm: str = "bn", num_classes: int = 10, model_options: dict | None = None,
@@ -54,9 +97,13 @@ def build_model(name: str, norm: str = "bn", num_classes: int = 10, model_option
     if unknown:
         raise ValueError(f"model {name} has no option(s) {sorted(unknown)}; it takes {list(info.options) or 'none'}")
     norm_layer = norm_layer_factory(norm, **norm_options)
+    # A conv that feeds a norm with a shift of its own needs no bias.
     model = info.constructor(norm_layer=norm_layer, num_classes=num_classes,
-                             conv_bias=_needs_conv_bias(norm_layer), **model_options)
-    return apply_weight_reparam(model, norm, **norm_options)
+                             conv_bias=not _norm_has_shift(norm_layer), **model_options)
+    apply_weight_reparam(model, norm, **norm_options)
+    if getattr(model, "zero_init_residual", False):  # after the reparametrization: wn would divide 0 by 0
+        zero_init_residual(model, norm)
+    return model
 
 
 def list_models() -> list[str]:

@@ -1,7 +1,7 @@
 """Interchangeable normalization layers: one registry (``NORMS``), one builder (``build_norm``).
 
-Activation norms sit in the norm slots of a model (``norm_layer_factory(name, **opts)(C)``);
-weight norms (wn, sn, gn_ws) also reparametrize the weights (``apply_weight_reparam``).
+Models ask for a norm slot with ``norm_layer_factory(name, **opts)(C, apply_act=...)``; weight
+norms (wn, sn, gn_ws) also reparametrize the weights (``apply_weight_reparam``).
 """
 
 from normbench.norms.activation import (
@@ -10,17 +10,20 @@ from normbench.norms.activation import (
     precise_bn_batches,
     precise_bn_update,
     recording_batch_stats,
+    schedule_scalars,
+    set_training_length,
 )
 from normbench.norms.registry import (
     NORMS,
     NormInfo,
+    apply_weight_reparam,
     build_norm,
     is_batch_dependent,
     list_norms,
     norm_layer_factory,
     print_norms,
 )
-from normbench.norms.weight import apply_weight_reparam, data_dependent_init
+from normbench.norms.weight import data_dependent_init
 
 __all__ = [
     "NORMS",
@@ -33,6 +36,8 @@ __all__ = [
     "list_norms",
     "print_norms",
     "data_dependent_init",
+    "set_training_length",
+    "schedule_scalars",
     "precise_bn_update",
     "precise_bn_batches",
     "recording_batch_stats",

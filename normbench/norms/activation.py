@@ -35,6 +35,12 @@ __all__ = [
     "EvoNormS0",
     "LocalResponseNorm",
     "check_groups",
+    "no_norm",
+    "layer_norm",
+    "instance_norm",
+    "group_norm",
+    "set_training_length",
+    "schedule_scalars",
     "precise_bn_update",
     "precise_bn_batches",
     "recording_batch_stats",
@@ -217,6 +223,7 @@ class BatchNorm(_BatchStatNorm):
     def __init__(
         self,
         num_features: int,
+        *,
         momentum: float = 0.1,
         eps: float = 1e-5,
         affine: bool = True,
@@ -267,11 +274,15 @@ class BatchRenorm(_BatchStatNorm):
     The moving statistics are kept as mean and (unbiased) variance like BatchNorm, and updated
     every training step with ``momentum``: mu += momentum * (mu_B - mu), var += momentum * (var_B - var).
 
-    Clipping limits follow the paper's schedule: r_max = 1, d_max = 0 for the first
-    ``relax_start`` training steps, then linear ramps reaching ``r_max`` after ``r_relax_steps``
-    more steps and ``d_max`` after ``d_relax_steps`` more steps (paper: 5k, r_max=3 at 40k,
-    d_max=5 at 25k). Steps are counted in the buffer ``num_steps`` (one per training forward),
-    so the schedule survives state_dict save/load. The limits are computed on-device (no sync).
+    Clipping limits follow the paper's shape: r_max = 1, d_max = 0 for the first ``relax_start``
+    training steps, then linear ramps reaching ``r_max`` after ``r_relax`` more steps and ``d_max``
+    after ``d_relax`` more steps (d before r). With ``relax_unit='fraction'`` (default) the three
+    lengths are fractions of the run's training steps, which the trainer sets with
+    ``set_training_length``: the defaults 0.05 / 0.35 / 0.2 are the paper's 5k / 35k / 20k steps
+    on a 100k-step scale, so r reaches 3 at 40% of training and d reaches 5 at 25%, whatever the
+    run's length. With ``relax_unit='steps'`` they are absolute steps (paper: 5000 / 35000 / 20000).
+    Steps are counted in the buffer ``num_steps`` (one per training forward), so the schedule
+    survives state_dict save/load. The limits are computed on-device (no sync).
     """
 
     norm_name = "brn"
@@ -279,38 +290,61 @@ class BatchRenorm(_BatchStatNorm):
     def __init__(
         self,
         num_features: int,
+        *,
         momentum: float = 0.01,
         eps: float = 1e-5,
         affine: bool = True,
         r_max: float = 3.0,
         d_max: float = 5.0,
-        relax_start: int = 5000,
-        r_relax_steps: int = 35000,
-        d_relax_steps: int = 20000,
+        relax_unit: str = "fraction",
+        relax_start: float = 0.05,
+        r_relax: float = 0.35,
+        d_relax: float = 0.2,
         virtual_batch: int | None = None,
         precise_stats: int = 0,
     ):
         super().__init__(
             num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats
         )
+        lengths = {"relax_start": relax_start, "r_relax": r_relax, "d_relax": d_relax}
+        for key, value in lengths.items():
+            if relax_unit == "fraction" and not 0.0 <= value <= 1.0:
+                raise NormConfigError(f"norm 'brn': {key}={value} must be a fraction of training in [0, 1] "
+                                      f"(or set norm.relax_unit=steps)")
+            if relax_unit == "steps" and value != int(value):
+                raise NormConfigError(f"norm 'brn': {key}={value} must be a whole number of steps with relax_unit=steps")
+        if relax_unit not in ("fraction", "steps"):
+            raise NormConfigError(f"norm 'brn': relax_unit={relax_unit!r} must be fraction or steps")
         self.r_max = float(r_max)
         self.d_max = float(d_max)
-        self.relax_start = int(relax_start)
-        self.r_relax_steps = int(r_relax_steps)
-        self.d_relax_steps = int(d_relax_steps)
+        self.relax_unit = relax_unit
+        self.relax_start, self.r_relax, self.d_relax = float(relax_start), float(r_relax), float(d_relax)
+        self.total_steps: int | None = None  # set by set_training_length (relax_unit='fraction')
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         _init_affine(self, num_features, affine)
 
-    def _ramp(self, length: int) -> torch.Tensor:
-        t = self.num_steps.to(torch.float32) - self.relax_start
+    def set_training_length(self, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+
+    def _in_steps(self, length: float) -> float:
+        if self.relax_unit == "steps":
+            return length
+        if self.total_steps is None:
+            raise RuntimeError("BatchRenorm with relax_unit='fraction' needs the run's length: call "
+                               "normbench.norms.set_training_length(model, total_steps) before training")
+        return length * self.total_steps
+
+    def _ramp(self, length: float) -> torch.Tensor:
+        t = self.num_steps.to(torch.float32) - self._in_steps(self.relax_start)
+        length = self._in_steps(length)
         if length <= 0:
             return (t >= 0).to(torch.float32)
         return (t / length).clamp(0.0, 1.0)
 
     def current_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) in force at the current step, as 0-dim tensors."""
-        r_lim = 1.0 + (self.r_max - 1.0) * self._ramp(self.r_relax_steps)
-        d_lim = self.d_max * self._ramp(self.d_relax_steps)
+        r_lim = 1.0 + (self.r_max - 1.0) * self._ramp(self.r_relax)
+        d_lim = self.d_max * self._ramp(self.d_relax)
         return r_lim, d_lim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,8 +381,8 @@ class BatchRenorm(_BatchStatNorm):
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", r_max={self.r_max}, d_max={self.d_max}, relax_start={self.relax_start}, "
-            f"r_relax_steps={self.r_relax_steps}, d_relax_steps={self.d_relax_steps}"
+            + f", r_max={self.r_max}, d_max={self.d_max}, relax_unit={self.relax_unit}, "
+            f"relax_start={self.relax_start}, r_relax={self.r_relax}, d_relax={self.d_relax}"
         )
 
 
@@ -361,7 +395,7 @@ class MeanOnlyBatchNorm(_BatchStatNorm):
 
     norm_name = "wn"
 
-    def __init__(self, num_features: int, momentum: float = 0.1, virtual_batch: int | None = None):
+    def __init__(self, num_features: int, *, momentum: float = 0.1, virtual_batch: int | None = None):
         super().__init__(num_features, momentum=momentum, eps=0.0, virtual_batch=virtual_batch, track_var=False)
         self.bias = nn.Parameter(torch.zeros(num_features))
 
@@ -386,58 +420,66 @@ class MeanOnlyBatchNorm(_BatchStatNorm):
 
 
 class FilterResponseNorm(nn.Module):
-    """Filter response normalization + TLU (Singh & Krishnan 2019).
+    """Filter response normalization + TLU (Singh & Krishnan 2019), a norm-*activation* layer.
 
     nu2 = mean(x^2 over H, W); x_hat = x / sqrt(nu2 + |eps|); y = gamma * x_hat + beta;
-    out = max(y, tau). With ``learnable_eps`` the epsilon is eps + |eps_l|, eps_l a learned
-    per-layer scalar initialised to 1e-4 (as in the paper).
+    with ``apply_act`` (where BN+ReLU stood) out = max(y, tau), the TLU being the layer's
+    nonlinearity; without (before a residual add, in a shortcut) out = y and there is no tau.
+    With ``learnable_eps`` the epsilon is eps + |eps_l|, eps_l a learned per-layer scalar
+    initialised to 1e-4 (as in the paper).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False):
+    def __init__(self, num_features: int, *, apply_act: bool = True, eps: float = 1e-6, learnable_eps: bool = False):
         super().__init__()
         self.num_features = num_features
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
-        self.tau = nn.Parameter(torch.zeros(num_features))
+        self.tau = nn.Parameter(torch.zeros(num_features)) if apply_act else None
         self.eps_learned = nn.Parameter(torch.full((1,), 1e-4)) if learnable_eps else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nu2 = x.square().mean(dim=_spatial_dims(x, "FilterResponseNorm"), keepdim=True)
         eps = abs(self.eps) if self.eps_learned is None else abs(self.eps) + self.eps_learned.abs()
         y = x * torch.rsqrt(nu2 + eps) * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
-        return torch.maximum(y, _chan(self.tau, x.ndim))
+        return y if self.tau is None else torch.maximum(y, _chan(self.tau, x.ndim))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}"
+        return (f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}, "
+                f"apply_act={self.tau is not None}")
 
 
 class EvoNormS0(nn.Module):
-    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v * x) / group_std(x) * gamma + beta.
+    """EvoNorm-S0 (Liu et al. 2020), a norm-*activation* layer.
 
-    group_std over (C/G, H, W) per sample and group: sqrt(var + eps) (biased variance);
+    With ``apply_act`` (where BN+ReLU stood): y = x * sigmoid(v * x) / group_std(x) * gamma + beta,
+    group_std over (C/G, H, W) per sample and group, sqrt(var + eps) (biased variance).
+    Without (where BN has no activation after it): y = x * gamma + beta, no v, exactly as the
+    paper's reference code and timm's ``EvoNorm2dS0(apply_act=False)`` define the variant.
     v, gamma init 1, beta init 0, all per channel.
     """
 
-    def __init__(self, num_features: int, groups: int = 8, eps: float = 1e-5):
+    def __init__(self, num_features: int, *, apply_act: bool = True, groups: int = 8, group_size: int | None = None,
+                 eps: float = 1e-5):
         super().__init__()
         self.num_features = num_features
-        self.groups = groups
+        self.groups = check_groups("evonorm_s0", num_features, groups, group_size)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
-        self.v = nn.Parameter(torch.ones(num_features))
+        self.v = nn.Parameter(torch.ones(num_features)) if apply_act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _spatial_dims(x, "EvoNormS0")
-        n = x.shape[0]
-        var = x.reshape(n, self.groups, -1).var(dim=2, unbiased=False, keepdim=True)
-        num = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
-        y = (num.reshape(n, self.groups, -1) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        return y * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+        if self.v is not None:
+            n = x.shape[0]
+            var = x.reshape(n, self.groups, -1).var(dim=2, unbiased=False, keepdim=True)
+            num = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
+            x = (num.reshape(n, self.groups, -1) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        return x * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
 
 
 class LocalResponseNorm(nn.Module):
@@ -446,10 +488,14 @@ class LocalResponseNorm(nn.Module):
     b_c = a_c / (k + alpha * sum_{c' in [c - size//2, c + size//2]} a_{c'}^2) ** beta,
     with AlexNet's *un-averaged* alpha (torch's ``LocalResponseNorm`` divides alpha by size, so we
     pass alpha * size). Optional per-channel affine after it.
+
+    A historical baseline, not a normalization in the modern sense: at AlexNet's constants
+    (alpha=1e-4, k=2) and activations of a few units, as in these networks, the sum term is tiny
+    and LRN(x) is within about 5e-4 of the constant scale x * 2**-0.75.
     """
 
     def __init__(
-        self, num_features: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+        self, num_features: int, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
         affine: bool = True,
     ):
         super().__init__()
@@ -468,6 +514,30 @@ class LocalResponseNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Norms that torch has: thin builders whose signatures declare the options and their defaults
+# --------------------------------------------------------------------------------------------
+
+
+def no_norm(num_features: int) -> nn.Module:
+    """No normalization: the slot is the identity."""
+    return nn.Identity()
+
+
+def layer_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> nn.Module:
+    """Layer norm as the Group Norm paper defines it for conv nets: GroupNorm with one group."""
+    return nn.GroupNorm(1, num_features, eps=eps, affine=affine)
+
+
+def instance_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> nn.Module:
+    return nn.InstanceNorm2d(num_features, eps=eps, affine=affine, track_running_stats=False)
+
+
+def group_norm(num_features: int, *, groups: int = 8, group_size: int | None = None, eps: float = 1e-5,
+               affine: bool = True) -> nn.Module:
+    return nn.GroupNorm(check_groups("gn", num_features, groups, group_size), num_features, eps=eps, affine=affine)
+
+
+# --------------------------------------------------------------------------------------------
 # PreciseBN and batch-stat recording
 # --------------------------------------------------------------------------------------------
 
@@ -479,6 +549,24 @@ def _batch_stat_modules(model: nn.Module) -> list[_BatchStatNorm]:
 def precise_bn_batches(model: nn.Module) -> int:
     """How many training batches ``precise_bn_update`` wants (max ``precise_stats``; 0 = none)."""
     return max((m.precise_stats for m in _batch_stat_modules(model)), default=0)
+
+
+def set_training_length(model: nn.Module, total_steps: int) -> nn.Module:
+    """Tell every layer with a schedule over training (Batch Renorm's r/d relaxation) the run's length."""
+    for m in model.modules():
+        if isinstance(m, BatchRenorm):
+            m.set_training_length(total_steps)
+    return model
+
+
+def schedule_scalars(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The schedule values in force now, for logging: ``brn/r_max`` and ``brn/d_max`` (0-dim tensors)
+    if the model has Batch Renorm layers (they all count the same steps), else nothing."""
+    for m in model.modules():
+        if isinstance(m, BatchRenorm):
+            r_max, d_max = m.current_limits()
+            return {"brn/r_max": r_max, "brn/d_max": d_max}
+    return {}
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

@@ -1,18 +1,29 @@
-"""The one registry of normalization layers: names, descriptions, options and their defaults.
+"""The one registry of normalization layers: one entry per norm, as in timm's ``create_norm``.
 
-``conf/norm/<name>.yaml`` mirrors this registry one to one (``name`` plus every option with its
-default); ``tests/test_norms.py`` checks that. Every option is passed to ``build_norm`` as a
-keyword; an option set to None means "use the default".
+An entry names a layer builder that takes the channel count first and declares the norm's
+options, with their defaults, as its keyword parameters; weight norms also name the
+reparametrization applied to every conv / linear weight (its keyword parameters are options
+too). So a norm's options are written once, in those signatures; ``conf/norm/<name>.yaml``
+mirrors them (``tests/test_norms.py`` checks that), and the registry's order is the order in
+which reports list the norms.
+
+Norm-activation: where a model had BN+ReLU it asks for ``build_norm(name, C, apply_act=True)``:
+the norm followed by a ReLU, except for layers that are their own nonlinearity (FRN+TLU,
+EvoNorm-S0), which are returned alone. Where BN has no activation after it (before a residual
+add, in a projection shortcut) it asks for ``apply_act=False``: FRN without its TLU, EvoNorm-S0
+without its gate.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from normbench.norms.activation import (
     BatchNorm,
@@ -20,10 +31,13 @@ from normbench.norms.activation import (
     EvoNormS0,
     FilterResponseNorm,
     LocalResponseNorm,
-    MeanOnlyBatchNorm,
     NormConfigError,
-    check_groups,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    no_norm,
 )
+from normbench.norms.weight import spectral_norm_reparam, standardize_weights, weight_norm_reparam, weight_norm_slot
 
 __all__ = [
     "NormConfigError",
@@ -32,80 +46,71 @@ __all__ = [
     "resolve_options",
     "build_norm",
     "norm_layer_factory",
+    "apply_weight_reparam",
     "is_batch_dependent",
     "list_norms",
     "print_norms",
 ]
 
 
+def _keyword_defaults(fn: Callable) -> dict[str, Any]:
+    """The keyword options a builder declares, with their defaults (``apply_act`` is not an option)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and p.name != "apply_act"}
+
+
 @dataclass(frozen=True)
 class NormInfo:
     name: str
     description: str  # one line
-    kind: str  # 'activation' | 'weight'
-    batch_dependent: bool  # for 'wn' this is the default (mean_only_bn=False); see is_batch_dependent
-    options: dict[str, Any]  # option name -> default (do not mutate)
+    layer: Callable[..., nn.Module]  # layer(num_channels, **its options) -> the norm slot's module
+    # Whether a training forward of a sample depends on the rest of its batch (may depend on options).
+    batch_dependent: bool | Callable[[dict], bool] = False
+    reparam: Callable[..., None] | None = None  # reparam(conv_or_linear, **its options), weight norms only
+    options: dict[str, Any] = field(init=False)  # option name -> default, from the signatures (do not mutate)
+    fused_act: bool = field(init=False)  # the layer is its own nonlinearity (takes apply_act)
 
+    def __post_init__(self):
+        options = _keyword_defaults(self.layer)
+        for key, default in _keyword_defaults(self.reparam or (lambda: None)).items():
+            assert options.get(key, default) == default, f"{self.name}: option {key} has two defaults"
+            options[key] = default
+        options.pop("virtual_batch", None)
+        options["virtual_batch"] = None  # every norm accepts it (last); only batch-statistics layers use it
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "fused_act", "apply_act" in inspect.signature(self.layer).parameters)
 
-def _info(name, description, kind, batch_dependent, **options) -> NormInfo:
-    return NormInfo(name, description, kind, batch_dependent, dict(options))
+    @property
+    def kind(self) -> str:
+        return "weight" if self.reparam else "activation"
 
-
-# Every norm accepts virtual_batch (each yaml has it); only batch-statistics layers use it.
-_VB = {"virtual_batch": None}
 
 NORMS: dict[str, NormInfo] = {
-    i.name: i
-    for i in [
-        _info("none", "no normalization (identity)", "activation", False, **_VB),
-        _info(
-            "bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN",
-            "activation", True,
-            momentum=0.1, eps=1e-5, affine=True, virtual_batch=None, precise_stats=0,
-        ),
-        _info(
-            "ln", "layer norm as in the Group Norm paper: per-sample stats over (C,H,W), per-channel affine",
-            "activation", False, eps=1e-5, affine=True, **_VB,
-        ),
-        _info(
-            "in", "instance norm (Ulyanov et al. 2016): stats over (H,W) per sample and channel, no running stats",
-            "activation", False, eps=1e-5, affine=True, **_VB,
-        ),
-        _info(
-            "gn", "group norm (Wu & He 2018): per-sample stats over (C/G,H,W) per group",
-            "activation", False, groups=8, group_size=None, eps=1e-5, affine=True, **_VB,
-        ),
-        _info(
-            "brn", "batch renormalization (Ioffe 2017): BN corrected towards moving stats by clipped r, d",
-            "activation", True,
-            momentum=0.01, eps=1e-5, affine=True, r_max=3.0, d_max=5.0, relax_start=5000,
-            r_relax_steps=35000, d_relax_steps=20000, virtual_batch=None, precise_stats=0,
-        ),
-        _info(
-            "lrn", "local response norm across channels (AlexNet, Krizhevsky et al. 2012)",
-            "activation", False, size=5, alpha=1e-4, beta=0.75, k=2.0, affine=True, **_VB,
-        ),
-        _info(
-            "frn", "filter response norm + TLU (Singh & Krishnan 2019): x/sqrt(mean_HW(x^2)+eps), max(.,tau)",
-            "activation", False, eps=1e-6, learnable_eps=False, **_VB,
-        ),
-        _info(
-            "evonorm_s0", "EvoNorm-S0 (Liu et al. 2020): x*sigmoid(v*x)/group_std(x), batch independent",
-            "activation", False, groups=8, group_size=None, eps=1e-5, **_VB,
-        ),
-        _info(
-            "wn", "weight norm (Salimans & Kingma 2016): w = g*v/||v||; optional data init, mean-only BN",
-            "weight", False,
-            exp_g=False, init="none", mean_only_bn=False, momentum=0.1, **_VB,
-        ),
-        _info(
-            "sn", "spectral norm (Miyato et al. 2018): w/sigma_max(w) by power iteration",
-            "weight", False, n_power_iterations=1, **_VB,
-        ),
-        _info(
-            "gn_ws", "group norm + weight standardization of every conv (Qiao et al. 2019)",
-            "weight", False, groups=8, group_size=None, eps=1e-5, affine=True, ws_eps=1e-5, **_VB,
-        ),
+    info.name: info
+    for info in [
+        NormInfo("none", "no normalization (identity)", no_norm),
+        NormInfo("bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN",
+                 BatchNorm, batch_dependent=True),
+        NormInfo("brn", "batch renormalization (Ioffe 2017): BN corrected towards moving stats by clipped r, d; "
+                 "r/d limits relax over fractions of the run", BatchRenorm, batch_dependent=True),
+        NormInfo("gn", "group norm (Wu & He 2018): per-sample stats over (C/G,H,W) per group", group_norm),
+        NormInfo("ln", "layer norm as in the Group Norm paper: per-sample stats over (C,H,W), per-channel affine",
+                 layer_norm),
+        NormInfo("in", "instance norm (Ulyanov et al. 2016): stats over (H,W) per sample and channel, no running stats",
+                 instance_norm),
+        NormInfo("wn", "weight norm (Salimans & Kingma 2016): w = g*v/||v||; optional data init, mean-only BN",
+                 weight_norm_slot, batch_dependent=lambda options: options["mean_only_bn"], reparam=weight_norm_reparam),
+        NormInfo("sn", "spectral norm (Miyato et al. 2018): w/sigma_max(w) by power iteration", no_norm,
+                 reparam=spectral_norm_reparam),
+        NormInfo("gn_ws", "group norm + weight standardization of every conv (Qiao et al. 2019)", group_norm,
+                 reparam=standardize_weights),
+        NormInfo("frn", "norm-activation: filter response norm + TLU (Singh & Krishnan 2019), "
+                 "x/sqrt(mean_HW(x^2)+eps), max(.,tau); replaces BN+ReLU", FilterResponseNorm),
+        NormInfo("evonorm_s0", "norm-activation: EvoNorm-S0 (Liu et al. 2020), x*sigmoid(v*x)/group_std(x); "
+                 "replaces BN+ReLU", EvoNormS0),
+        NormInfo("lrn", "local response norm (AlexNet 2012); at its constants ~ a fixed scale x*2^-0.75 here",
+                 LocalResponseNorm),
     ]
 }
 
@@ -167,9 +172,10 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "group_size": _as_int(1),
     "r_max": _as_float(1.0),
     "d_max": _as_float(0.0),
-    "relax_start": _as_int(0),
-    "r_relax_steps": _as_int(0),
-    "d_relax_steps": _as_int(0),
+    "relax_unit": _as_choice("fraction", "steps"),
+    "relax_start": _as_float(0.0),
+    "r_relax": _as_float(0.0),
+    "d_relax": _as_float(0.0),
     "size": _as_int(1),
     "alpha": _as_float(0.0),
     "beta": _as_float(0.0),
@@ -177,6 +183,7 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "init": _as_choice("none", "data"),
     "n_power_iterations": _as_int(1),
 }
+assert {key for info in NORMS.values() for key in info.options} <= set(_CHECKS), "an option without a check"
 
 
 def _get_info(name: str) -> NormInfo:
@@ -202,70 +209,63 @@ def resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---- builders: (num_channels, resolved options) -> module for the norm slot ----
+def _accepted(fn: Callable, options: dict) -> dict:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in options.items() if k in params}
 
 
-def _gn(name: str, c: int, o: dict) -> nn.Module:
-    return nn.GroupNorm(check_groups(name, c, o["groups"], o["group_size"]), c, eps=o["eps"], affine=o["affine"])
-
-
-_BUILDERS: dict[str, Callable[[int, dict], nn.Module]] = {
-    "none": lambda c, o: nn.Identity(),
-    "bn": lambda c, o: BatchNorm(
-        c, momentum=o["momentum"], eps=o["eps"], affine=o["affine"], virtual_batch=o["virtual_batch"],
-        precise_stats=o["precise_stats"],
-    ),
-    "ln": lambda c, o: nn.GroupNorm(1, c, eps=o["eps"], affine=o["affine"]),
-    "in": lambda c, o: nn.InstanceNorm2d(c, eps=o["eps"], affine=o["affine"], track_running_stats=False),
-    "gn": lambda c, o: _gn("gn", c, o),
-    "brn": lambda c, o: BatchRenorm(
-        c, momentum=o["momentum"], eps=o["eps"], affine=o["affine"], r_max=o["r_max"], d_max=o["d_max"],
-        relax_start=o["relax_start"], r_relax_steps=o["r_relax_steps"], d_relax_steps=o["d_relax_steps"],
-        virtual_batch=o["virtual_batch"], precise_stats=o["precise_stats"],
-    ),
-    "lrn": lambda c, o: LocalResponseNorm(
-        c, size=o["size"], alpha=o["alpha"], beta=o["beta"], k=o["k"], affine=o["affine"]
-    ),
-    "frn": lambda c, o: FilterResponseNorm(c, eps=o["eps"], learnable_eps=o["learnable_eps"]),
-    "evonorm_s0": lambda c, o: EvoNormS0(
-        c, groups=check_groups("evonorm_s0", c, o["groups"], o["group_size"]), eps=o["eps"]
-    ),
-    "wn": lambda c, o: (
-        MeanOnlyBatchNorm(c, momentum=o["momentum"], virtual_batch=o["virtual_batch"])
-        if o["mean_only_bn"]
-        else nn.Identity()
-    ),
-    "sn": lambda c, o: nn.Identity(),
-    "gn_ws": lambda c, o: _gn("gn_ws", c, o),
-}
-assert set(_BUILDERS) == set(NORMS)
-
-
-def build_norm(name: str, num_channels: int, **options) -> nn.Module:
+def build_norm(name: str, num_channels: int, *, apply_act: bool = False, **options) -> nn.Module:
     """The module for one norm slot with ``num_channels`` channels (N, C, H, W feature maps).
 
-    For weight-kind norms this is the activation layer of the slot (Identity for wn and sn,
-    mean-only BN for wn with mean_only_bn=True, GroupNorm for gn_ws); the weights themselves are
-    reparametrized by ``apply_weight_reparam``.
+    ``apply_act=False``: the norm alone; ``apply_act=True``: the norm with its activation where
+    BN+ReLU stood (norm then ReLU, or a norm-activation layer alone). For weight norms the norm
+    part is the slot's layer (Identity, or mean-only BN for wn with mean_only_bn); the weights
+    themselves are reparametrized by ``apply_weight_reparam``.
     """
+    info = _get_info(name)
     opts = resolve_options(name, options)
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise NormConfigError(f"norm '{name}': num_channels must be a positive integer, got {num_channels!r}")
-    return _BUILDERS[name](num_channels, opts)
+    layer_options = _accepted(info.layer, opts)
+    if info.fused_act:
+        return info.layer(num_channels, apply_act=apply_act, **layer_options)
+    norm = info.layer(num_channels, **layer_options)
+    if not apply_act:
+        return norm
+    if isinstance(norm, nn.Identity):  # not in place: the slot's input may be needed elsewhere (a shortcut)
+        return nn.ReLU()
+    return nn.Sequential(norm, nn.ReLU(inplace=True))
 
 
-def norm_layer_factory(name: str, **options) -> Callable[[int], nn.Module]:
-    """Validate name and options now; return ``norm_layer(num_channels) -> nn.Module`` (picklable)."""
+def norm_layer_factory(name: str, **options) -> Callable[..., nn.Module]:
+    """Validate name and options now; return ``norm_layer(num_channels, apply_act=...)`` (picklable)."""
     resolve_options(name, options)
     return functools.partial(build_norm, name, **options)
+
+
+def apply_weight_reparam(model: nn.Module, name: str, **options) -> nn.Module:
+    """Reparametrize every conv / linear weight of ``model`` in place for weight norm ``name``; returns it.
+
+    No-op for the other norms. Options are validated like ``build_norm``'s (same names; the
+    reparametrization reads those in its signature). Layers already parametrized are skipped,
+    so calling it twice is harmless.
+    """
+    info = _get_info(name)
+    opts = resolve_options(name, options)
+    if info.reparam is None:
+        return model
+    reparam_options = _accepted(info.reparam, opts)
+    for layer in list(model.modules()):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(layer, "weight"):
+            info.reparam(layer, **reparam_options)
+    return model
 
 
 def is_batch_dependent(name: str, **options) -> bool:
     """Whether a training forward of a sample depends on the other samples of its batch."""
     opts = resolve_options(name, options)
-    if name == "wn":
-        return opts["mean_only_bn"]
-    return NORMS[name].batch_dependent
+    dependent = NORMS[name].batch_dependent
+    return dependent(opts) if callable(dependent) else dependent
 
 
 def list_norms() -> list[str]:

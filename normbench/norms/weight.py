@@ -1,8 +1,9 @@
 """Weight reparametrizations (wn, sn, gn_ws) through ``torch.nn.utils.parametrize``.
 
-``apply_weight_reparam(model, name, **options)`` is the one entry point: after the model is
-built (and before the optimizer is), it reparametrizes every ``nn.Conv2d`` and ``nn.Linear``
-weight (gn_ws: ``nn.Conv2d`` only):
+Each weight norm is one reparametrization function here, ``fn(layer, **options)`` applied by
+the registry's ``apply_weight_reparam(model, name, **options)`` to every ``nn.Conv2d`` and
+``nn.Linear`` after the model is built (and before the optimizer is); its signature declares
+the options it reads and their defaults:
 
 * wn: w = g * v / ||v|| per output channel. torch's own
   ``torch.nn.utils.parametrizations.weight_norm`` (g = ``original0``, v = ``original1``), or,
@@ -24,9 +25,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from normbench.norms.registry import NORMS, resolve_options
+from normbench.norms.activation import MeanOnlyBatchNorm
 
-__all__ = ["ExpGainWeightNorm", "WeightStandardization", "apply_weight_reparam", "data_dependent_init"]
+__all__ = ["ExpGainWeightNorm", "WeightStandardization", "weight_norm_slot", "weight_norm_reparam",
+           "spectral_norm_reparam", "standardize_weights", "data_dependent_init"]
 
 _INIT_FLAG = "wn_init_done"
 
@@ -68,35 +70,37 @@ def _ensure_bias(mod: nn.Module) -> None:
         mod.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
 
 
-def apply_weight_reparam(model: nn.Module, name: str, **options) -> nn.Module:
-    """Reparametrize the weights of ``model`` in place for weight-kind norm ``name``; returns ``model``.
+def weight_norm_slot(num_features: int, *, mean_only_bn: bool = False, momentum: float = 0.1,
+                     virtual_batch: int | None = None) -> nn.Module:
+    """wn's norm slot: mean-only batch norm (Salimans & Kingma's combination), or nothing."""
+    if mean_only_bn:
+        return MeanOnlyBatchNorm(num_features, momentum=momentum, virtual_batch=virtual_batch)
+    return nn.Identity()
 
-    No-op for activation norms. Options are validated like ``build_norm``'s (same names; those that
-    belong to the norm slot, e.g. virtual_batch, are ignored here). Layers already parametrized are
-    skipped, so calling it twice is harmless. With wn and init='data', each layer gets a bool buffer
-    ``wn_init_done`` (in its state_dict) that ``data_dependent_init`` checks and sets.
-    """
-    opts = resolve_options(name, options)
-    if NORMS[name].kind != "weight":
-        return model
-    for mod in list(model.modules()):
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or parametrize.is_parametrized(mod, "weight"):
-            continue
-        if name == "wn":
-            if not opts["mean_only_bn"]:
-                _ensure_bias(mod)
-            if opts["init"] == "data":
-                mod.register_buffer(_INIT_FLAG, torch.zeros((), dtype=torch.bool, device=mod.weight.device))
-            if opts["exp_g"]:
-                parametrize.register_parametrization(mod, "weight", ExpGainWeightNorm())
-            else:
-                weight_norm(mod, "weight", dim=0)
-        elif name == "sn":
-            _ensure_bias(mod)
-            spectral_norm(mod, "weight", n_power_iterations=opts["n_power_iterations"])
-        elif name == "gn_ws" and isinstance(mod, nn.Conv2d):
-            parametrize.register_parametrization(mod, "weight", WeightStandardization(opts["ws_eps"]))
-    return model
+
+def weight_norm_reparam(layer: nn.Module, *, exp_g: bool = False, init: str = "none", mean_only_bn: bool = False) -> None:
+    """w = g * v / ||v|| per output channel (g = exp(s) with exp_g). With init='data' the layer gets
+    a bool buffer ``wn_init_done`` (in its state_dict) that ``data_dependent_init`` checks and sets."""
+    if not mean_only_bn:
+        _ensure_bias(layer)
+    if init == "data":
+        layer.register_buffer(_INIT_FLAG, torch.zeros((), dtype=torch.bool, device=layer.weight.device))
+    if exp_g:
+        parametrize.register_parametrization(layer, "weight", ExpGainWeightNorm())
+    else:
+        weight_norm(layer, "weight", dim=0)
+
+
+def spectral_norm_reparam(layer: nn.Module, *, n_power_iterations: int = 1) -> None:
+    """w / sigma_max(w), torch's spectral_norm (one persistent u, power iteration in training forwards)."""
+    _ensure_bias(layer)
+    spectral_norm(layer, "weight", n_power_iterations=n_power_iterations)
+
+
+def standardize_weights(layer: nn.Module, *, ws_eps: float = 1e-5) -> None:
+    """Weight standardization of convolutions (linear layers are left alone, as in Qiao et al.)."""
+    if isinstance(layer, nn.Conv2d):
+        parametrize.register_parametrization(layer, "weight", WeightStandardization(ws_eps))
 
 
 def _wn_init_hook(mod: nn.Module, args, out: torch.Tensor):
@@ -127,6 +131,13 @@ def _wn_init_hook(mod: nn.Module, args, out: torch.Tensor):
         new = new - (mean * inv_std).view(shape)
     flag.fill_(True)
     return new
+
+
+def mark_initialized(layer: nn.Module) -> None:
+    """Exclude a wn layer from data-dependent init (e.g. a residual branch deliberately started at zero)."""
+    flag = getattr(layer, _INIT_FLAG, None)
+    if isinstance(flag, torch.Tensor):
+        flag.fill_(True)
 
 
 def data_dependent_init(model: nn.Module, x: torch.Tensor) -> nn.Module:
