@@ -1,21 +1,22 @@
 """Model registry: `build_model(name, norm=...)` returns a model with its normalization in place.
 
-A model's options are the keyword-only parameters of its constructor (with their defaults);
-`conf/model/<name>.yaml` mirrors them.
+Each module of this package lists its models in a module-level `MODELS = {name: (description,
+constructor)}`; this registry collects them all (so adding a model is its module, or an entry in
+one, plus `conf/model/<name>.yaml`). A model's options are the keyword-only parameters of its
+constructor (with their defaults); the yaml mirrors them.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normbench.models.cnn import PlainCNN
-from normbench.models.resnet_cifar import CifarResNet, PreActResNet18
 from normbench.norms import NormConfigError, apply_weight_reparam, norm_layer_factory
 
 
@@ -31,17 +32,17 @@ class ModelInfo:
         object.__setattr__(self, "options", {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY})
 
 
-MODELS: dict[str, ModelInfo] = {
-    info.name: info
-    for info in (
-        ModelInfo("resnet20", "CIFAR ResNet-20 (He et al. 2016), 0.27M parameters", partial(CifarResNet, 20)),
-        ModelInfo("resnet32", "CIFAR ResNet-32 (He et al. 2016), 0.46M parameters", partial(CifarResNet, 32)),
-        ModelInfo("resnet56", "CIFAR ResNet-56 (He et al. 2016), 0.85M parameters", partial(CifarResNet, 56)),
-        ModelInfo("resnet110", "CIFAR ResNet-110 (He et al. 2016), 1.7M parameters", partial(CifarResNet, 110)),
-        ModelInfo("preact_resnet18", "PreAct-ResNet-18 (He et al. 2016b), 11M parameters", PreActResNet18),
-        ModelInfo("cnn", "plain 5-layer CNN, fast on a CPU; norm before or after the ReLU", PlainCNN),
-    )
-}
+def _collect_models() -> dict[str, ModelInfo]:
+    models = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for name, (description, constructor) in getattr(module, "MODELS", {}).items():
+            assert name not in models, f"model {name} is registered twice"
+            models[name] = ModelInfo(name, description, constructor)
+    return models
+
+
+MODELS: dict[str, ModelInfo] = _collect_models()
 
 
 def _norm_has_shift(norm_layer: Callable[..., nn.Module]) -> bool:

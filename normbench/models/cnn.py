@@ -43,3 +43,6 @@ class PlainCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+MODELS = {"cnn": ("plain 5-layer CNN, fast on a CPU; norm before or after the ReLU", PlainCNN)}

@@ -13,6 +13,7 @@ Each residual block names its `residual_norm` (the last norm of the branch, or N
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -116,3 +117,12 @@ class PreActResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(self.layers(self.conv1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+MODELS = {
+    "resnet20": ("CIFAR ResNet-20 (He et al. 2016), 0.27M parameters", partial(CifarResNet, 20)),
+    "resnet32": ("CIFAR ResNet-32 (He et al. 2016), 0.46M parameters", partial(CifarResNet, 32)),
+    "resnet56": ("CIFAR ResNet-56 (He et al. 2016), 0.85M parameters", partial(CifarResNet, 56)),
+    "resnet110": ("CIFAR ResNet-110 (He et al. 2016), 1.7M parameters", partial(CifarResNet, 110)),
+    "preact_resnet18": ("PreAct-ResNet-18 (He et al. 2016b), 11M parameters", PreActResNet18),
+}
