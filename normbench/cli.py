@@ -20,30 +20,10 @@ from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench import atomic, checkpoint, validate
+from normbench import atomic, identity, summary, validate
 from normbench.errors import UserError
-from normbench.tracking import SUMMARY_NAME, read_summary
 
-FINISHED = ("completed", "diverged")  # divergence is a result: rerunning would diverge again
-
-
-def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None) -> str:
-    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0.
-
-    Norm options that differ from their defaults join the norm's part (gn-groups16); the
-    virtual batch joins the batch part (bs128-vb8) for batch-dependent norms only, so the
-    duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
-    (free text) separates runs that differ in anything else."""
-    from normbench.train import norm_label, uses_batch_stats
-
-    model_part = model.name if model.get("placement", "before") == "before" else f"{model.name}-norm{model.placement}"
-    vb = norm.get("virtual_batch")
-    vb_part = f"-vb{vb}" if vb is not None and uses_batch_stats(norm) else ""
-    variant_part = f"/{variant}" if variant else ""
-    return f"{model_part}/{norm_label(norm)}/bs{batch_size}{vb_part}/lr{lr:g}{variant_part}/seed{seed}"
-
-
-OmegaConf.register_new_resolver("nb.run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("nb.run_name", identity.run_name, replace=True)
 
 
 # --------------------------------------------------------------------------- one run
@@ -95,14 +75,14 @@ def run_job(cfg: DictConfig) -> dict | None:
             if not claimed:
                 print(f"skip {cfg.run_name}: another live process is training it")
                 return None
-            from normbench.train import run_config, train  # torch-heavy: imported once a run is really due
+            from normbench.train import train  # torch-heavy: imported once a run is really due
 
-            fp = checkpoint.fingerprint(run_config(cfg))
-            previous = read_summary(run_dir)
-            if previous and previous.get("status") in FINISHED and previous.get("fingerprint") == fp:
-                print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous.get('test_acc')})")
+            fp = identity.fingerprint(identity.run_config(cfg))
+            previous = summary.read(run_dir)
+            if previous and previous["status"] in summary.FINISHED and previous["fingerprint"] == fp:
+                print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous['test_acc']})")
                 return previous
-            if previous and previous.get("status") in FINISHED:
+            if previous and previous["status"] in summary.FINISHED:
                 print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
             return train(cfg, run_dir, progress=_show_progress(cfg))
     except UserError as e:
@@ -130,17 +110,12 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
     """A failed run's summary: its identity, no metrics (the report counts it as failed)."""
-    from datetime import datetime, timezone
-
-    from normbench.train import run_identity
-
-    summary = {**run_identity(cfg), "status": "failed", "reason": reason, "test_acc": None, "best_test_acc": None,
-               "epochs_done": 0, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = summary.new(identity.run_identity(cfg), summary.FAILED, reason=reason, epochs_done=0)
     try:
-        atomic.write_json(run_dir / SUMMARY_NAME, summary)
+        summary.write(run_dir, record)
     except OSError:
         pass
-    return summary
+    return record
 
 
 @hydra.main(version_base="1.3", config_path=str(validate.CONF_DIR), config_name="config")
@@ -161,13 +136,13 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         started = getattr(self, "started", 0.0)
         failed, counts = [], {}
-        for path in sorted(sweep_dir.rglob(SUMMARY_NAME)):
-            summary = read_summary(path.parent)
-            if not summary or path.stat().st_mtime < started - 1:
+        for path in sorted(sweep_dir.rglob(summary.SUMMARY_NAME)):
+            record = summary.read(path.parent)
+            if not record or path.stat().st_mtime < started - 1:
                 continue
-            counts[summary.get("status")] = counts.get(summary.get("status"), 0) + 1
-            if summary.get("status") == "failed":
-                failed.append(f"  {summary.get('run_name')}: {summary.get('reason')}")
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            if record["status"] == summary.FAILED:
+                failed.append(f"  {record['run_name']}: {record['reason']}")
         done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         print(f"sweep finished in {sweep_dir}: " + (f"{done} in this sweep" if done else "nothing new to run (every run was already finished)"))
         if config.get("report_at_end"):
@@ -188,40 +163,24 @@ class SweepSummary(Callback):
 # --------------------------------------------------------------------------- entry point
 
 
-def check_composes(argv: list[str]) -> None:
-    """Compose the config as Hydra will (first value of each sweep list), so that an unknown key or a
-    malformed override is one line and exit 2 instead of Hydra's multi-line error and exit 1."""
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return  # --help, --cfg, --config-name, ...: Hydra's own business
-    overrides = []
-    for arg in argv:
-        if arg.startswith("-"):
-            continue
-        key, sep, value = arg.partition("=")
-        if sep and not any(ch in value for ch in "()[]{}'\""):
-            value = value.split(",")[0]
-        overrides.append(f"{key}{sep}{value}")
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+MULTIRUN_FLAGS = ("-m", "--multirun")
+RUN_FLAGS = ("-r", "--run")
 
-    try:
-        with initialize_config_dir(config_dir=str(validate.CONF_DIR), version_base="1.3"):
-            compose("config", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(" ".join(lines[:2]) or type(e).__name__) from None
-    finally:
-        GlobalHydra.instance().clear()
+
+def check_command_line(argv: list[str]) -> None:
+    """Check every run the command line asks for before Hydra starts one (and creates its folder):
+    each bad input is then one line and exit status 2, not Hydra's multi-line error and exit 1."""
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS + RUN_FLAGS for a in argv):
+        return  # --help, --cfg, --info, --config-name, ...: Hydra's own business (not ours to second-guess)
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS + RUN_FLAGS]
+    validate.check_command_line(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("debug=true", "debug=1") for a in argv)
     try:
-        validate.check_argv(argv)
-        check_composes(argv)
+        check_command_line(argv)
         sys.argv = [sys.argv[0], *argv]
         hydra_entry()
     except UserError as e:

@@ -43,14 +43,18 @@ def run(tiny_data, tmp_path):
         (["norm=gn", "norm.groups=7"], ["32 channels", "7"]),
         (["data.subset=0"], ["data.subset=0"]),
         (["data.subset=100000"], ["data.subset=100000", "160"]),
-        (["batchsize=2"], ["Could not override 'batchsize'"]),
-        (["-m", "norm=bn,gn", "epochz=1,2"], ["Could not override 'epochz'"]),
+        (["batchsize=2"], ["unknown key 'batchsize'; did you mean 'batch_size'?"]),
+        (["-m", "norm=bn,gn", "epochz=1,2"], ["unknown key 'epochz'; did you mean 'epochs'?"]),
         (["log_every=0"], ["log_every=0"]),
         (["amp=off"], ["amp='off'", "auto, true, false"]),
         (["seed=-1"], ["seed=-1"]),
         (["device=tpu"], ["device='tpu'", "cuda"]),
         (["data.eval_batch_size=0"], ["data.eval_batch_size=0"]),
-        (["sched.name=linear"], ["sched.name='linear'"]),
+        (["sched.name=linear"], ["sched.name='linear'", "cosine, onecycle"]),
+        (["sched=linear"], ["unknown sched 'linear'", "cosine, onecycle"]),
+        (["optim.lr_scaling=cubic"], ["optim.lr_scaling='cubic'", "linear, sqrt, none"]),
+        (["hydra/launcher=threads"], ["unknown hydra/launcher 'threads'", "local_parallel", "slurm"]),
+        (["x=["], ["cannot parse 'x=['"]),
     ],
 )
 def test_bad_config_values(run, overrides, fragments):
@@ -97,12 +101,105 @@ def test_cuda_without_gpu(run):
 
 
 def test_placement_after_needs_cnn(run):
-    assert_one_line_error(run("model=resnet20", "model.placement=after"), "placement=after", "cnn")
+    assert_one_line_error(run("model=resnet20", "model.placement=after"), "placement", "cnn")
 
 
 def test_debug_shows_the_traceback(run):
     result = run("norm.virtual_batch=3", "debug=true")
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+# --------------------------------------------------------------------------- mistyped keys (issue 10.3)
+
+
+@pytest.mark.parametrize("override", ["epoch=1", "+epoch=1", "++epoch=1"])
+def test_unknown_key_names_the_closest_known_key(run, tmp_path, override):
+    # `+epoch=1` used to train (30 epochs, with an unused key): Hydra adds unknown `+` keys silently.
+    assert_one_line_error(run("norm=bn", override), "unknown key 'epoch'; did you mean 'epochs'?")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_nested_key_names_the_closest_known_key(run):
+    assert_one_line_error(run("data.subsett=100"), "unknown key 'data.subsett'; did you mean 'data.subset'")
+
+
+def test_option_of_another_norm_names_the_chosen_norms_options(run):
+    assert_one_line_error(run("norm=bn", "norm.groups=4"), "unknown key 'norm.groups'", "norm bn has:", "momentum",
+                          "gn")
+
+
+def test_plus_on_a_known_key(run):
+    assert_one_line_error(run("+epochs=1"), "'epochs' is already in the config", "(epochs=1)")
+
+
+def test_removing_a_key(run):
+    assert_one_line_error(run("~data.subset"), "cannot remove 'data.subset'", "data.subset=null")
+
+
+def test_plus_still_adds_to_hydras_own_config(run, tmp_path):
+    """`+` stays legitimate where Hydra's config is open, e.g. an environment variable for each job."""
+    result = run("+hydra.job.env_set.NORMBENCH_TEST_MARK=1")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "runs").rglob("summary.json"))) == 1
+
+
+# --------------------------------------------------------------------------- checked before anything is created (10.4, 10.5)
+
+
+def test_bad_virtual_batch_creates_nothing(run, tmp_path):
+    assert_one_line_error(run("norm=bn", "norm.virtual_batch=3"), "norm.virtual_batch=3", "batch_size=8")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_creates_nothing(run, tmp_path):
+    assert_one_line_error(run(data_root=tmp_path / "nowhere"), "CIFAR-10 not found")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_failed_download_to_the_default_root_creates_nothing(tmp_path):
+    """Without data.root and NORMBENCH_DATA the root is ./data, and torchvision's download attempt creates
+    it before failing. The proxy refuses every connection: no test touches the network."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"NORMBENCH_DATA": "", "NORMBENCH_NO_DOWNLOAD": "0", "NORMBENCH_CACHE": str(tmp_path / "cache"),
+           "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = run_cli([*TINY_OVERRIDES, "out_dir=runs"], env_extra=env, cwd=work)
+    assert_one_line_error(result, "CIFAR-10 not found", str(work / "data"))
+    assert list(work.iterdir()) == [] and not (tmp_path / "cache").exists()
+
+
+def test_sweep_with_one_bad_value_stops_before_its_first_run(run, tmp_path):
+    result = run("-m", "batch_size=8,6", "norm.virtual_batch=4")
+    assert_one_line_error(result, "norm.virtual_batch=4 does not divide batch_size=6")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_preset_sweep_is_checked_before_its_first_run(tiny_data, tmp_path):
+    # experiment=quick sweeps batch_size=2,128 in its own sweep parameters (so no batch_size here);
+    # the config's default batch (128) alone would pass.
+    args = [a for a in TINY_OVERRIDES if not a.startswith("batch_size=")]
+    result = run_cli([*args, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", "experiment=quick",
+                      "norm.virtual_batch=4"])
+    assert_one_line_error(result, "norm.virtual_batch=4 does not divide batch_size=2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_value_of_a_sweep_function_is_checked(run, tmp_path):
+    result = run("-m", "batch_size=choice(8,0)")
+    assert_one_line_error(result, "batch_size=0", "positive")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_several_values_need_multirun(run, tmp_path):
+    assert_one_line_error(run("norm=bn,gn"), "norm=bn,gn gives several values", "-m")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, key", [([], "hydra.run.dir"), (["-m"], "hydra.sweep.dir")])
+def test_hydra_output_folder_under_a_file(run, tmp_path, flags, key):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_one_line_error(run(*flags, f"{key}={blocker}/out"), "cannot be written", f"set {key}=")
 
 
 def test_report_on_path_without_runs(tmp_path):
