@@ -1,0 +1,442 @@
+"""The comparison table: runs aggregated over seeds, one row per setting, and its text forms.
+
+    table = aggregate(runs, target_acc=80)   # numeric, one row per setting and base lr
+    display = format_table(table)            # strings, empty columns dropped
+    to_markdown(display, table_title(table, 80), table_notes(table))
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import pandas as pd
+
+from normbench import summary
+from normbench.collect import UNKNOWN, epochs_to_target, keyed_runs, load_curves, setting_columns, warn
+from normbench.errors import UserError
+
+PLACEMENT_ORDER = ["before", "after"]
+
+# One row per setting: the table's axes, plus every setting that differs between the runs
+# (setting_columns, stored in table.attrs[SETTING_COLUMNS]) right after the model.
+AXES_BEFORE_SETTINGS = ["model"]
+AXES_AFTER_SETTINGS = ["placement", "norm", "batch_size", "devices", "virtual_batch"]
+SETTING_COLUMNS = "setting_columns"
+
+# CIFAR-10 has 10 classes: an arm whose best test accuracy stays this close to 10% never learned.
+CHANCE_ACC, CHANCE_MARGIN = 10.0, 2.0
+CHANCE_MARK = "†"
+
+# Two-sided 95% t quantiles, t_{0.975, dof} for dof = 1..30; 1.96 beyond.
+_T975 = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+]
+
+NO_VAL_HINT = (
+    "--select-best lr picks the lr by validation accuracy, but no completed run has one; "
+    "rerun the sweep with a validation split, e.g. data.val_split=5000"
+)
+
+
+def setting_keys(settings: list[str]) -> list[str]:
+    """What a row is, except its lr: the table's axes and the differing settings."""
+    return [*AXES_BEFORE_SETTINGS, *settings, *AXES_AFTER_SETTINGS]
+
+
+def row_keys(settings: list[str]) -> list[str]:
+    """One table row (before --select-best): a setting at one base lr."""
+    return [*setting_keys(settings), "lr"]
+
+
+def table_setting_columns(table: pd.DataFrame) -> list[str]:
+    """The settings that differ between the runs of `table` (columns of their own)."""
+    return [c for c in table.attrs.get(SETTING_COLUMNS, []) if c in table.columns]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+def t_quantile_975(dof: int) -> float:
+    """Two-sided 95% quantile of Student's t with `dof` degrees of freedom."""
+    try:
+        from scipy import stats
+    except ImportError:
+        return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+    return float(stats.t.ppf(0.975, dof))
+
+
+def ci95_half_width(std: float, n: int) -> float:
+    if n < 2 or not np.isfinite(std):
+        return float("nan")
+    return t_quantile_975(n - 1) * std / math.sqrt(n)
+
+
+def _at_chance(completed: pd.DataFrame) -> bool:
+    """Every completed seed's best test accuracy within CHANCE_MARGIN of chance."""
+    if completed.empty:
+        return False
+    best = completed["best_test_acc"].fillna(completed["test_acc"])
+    return bool(((best - CHANCE_ACC).abs() <= CHANCE_MARGIN).all())
+
+
+def _summarize_row(runs: pd.DataFrame) -> pd.Series:
+    """Statistics of one table row (one setting and lr) over its seeds."""
+    completed = runs[runs["status"] == summary.COMPLETED]
+    n = len(completed)
+    test_acc = completed["test_acc"]
+    std = float(test_acc.std(ddof=1)) if n >= 2 else float("nan")
+    reached = completed["epochs_to_target"].dropna()
+    norm_batches = runs["norm_batch"].dropna()
+    return pd.Series({
+        # The rate the optimizer used: the same for every seed of a row (same base lr, batch,
+        # devices and lr rule); old summaries without it fall back to the base lr.
+        "lr_effective": runs["lr_effective"].iloc[0],
+        "norm_batch": norm_batches.iloc[0] if len(norm_batches) else pd.NA,
+        "test_acc_mean": test_acc.mean() if n else float("nan"),
+        "test_acc_std": std,
+        "test_acc_ci95": ci95_half_width(std, n),
+        "best_test_acc_mean": completed["best_test_acc"].mean(),
+        "at_chance": _at_chance(completed),
+        "train_loss_mean": completed["train_loss"].mean(),
+        "val_acc_mean": completed["val_acc_for_selection"].mean(),
+        "epochs_to_target_mean": reached.mean() if len(reached) else float("nan"),
+        "epochs_to_target_n": len(reached),
+        "seconds_per_epoch_mean": completed["seconds_per_epoch"].mean(),
+        "images_per_s_mean": completed["images_per_s"].mean(),
+        "n_completed": n,
+        "n_failed": int((runs["status"] == summary.FAILED).sum()),
+        "n_diverged": int((runs["status"] == summary.DIVERGED).sum()),
+        "n_runs": len(runs),
+    })
+
+
+def aggregate(
+    runs: pd.DataFrame,
+    target_acc: float = 80.0,
+    select_best: str | None = None,
+    curves: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per setting (model, the settings that differ between runs, placement, norm label,
+    batch, devices, virtual batch) and base lr, with the test accuracy (mean, std, 95% CI over
+    completed seeds) and friends; `lr` is the base rate, `lr_effective` the rate used. With
+    select_best="lr" only the base lr with the highest mean validation accuracy of each setting
+    is kept (column `lr_selected`, plus `lr_candidates`). Numeric columns; see format_table."""
+    if select_best not in (None, "lr"):
+        raise UserError(f"--select-best supports only 'lr', not {select_best!r}")
+    settings = setting_columns(runs)
+    keys = row_keys(settings)
+    if curves is None:
+        curves = load_curves(runs, keys)
+    keyed = keyed_runs(runs)
+    keyed["epochs_to_target"] = keyed["path"].map(epochs_to_target(curves, target_acc))
+    keyed["val_acc_for_selection"] = keyed["best_val_acc"].fillna(keyed["val_acc"])
+
+    value_columns = [column for column in keyed.columns if column not in keys]
+    table = (
+        keyed.groupby(keys, dropna=False, sort=False)[value_columns]
+        .apply(_summarize_row)
+        .reset_index()
+    )
+    table = _fix_table_dtypes(table)
+    for key in settings:
+        table[key] = _tidy_setting_column(table[key])
+    table["global_batch"] = table["batch_size"] * table["devices"]
+    if select_best == "lr":
+        table = _select_best_lr(table, settings)
+    table = sort_table(table, settings).reset_index(drop=True)
+    table.attrs[SETTING_COLUMNS] = settings
+    return table
+
+
+def _fix_table_dtypes(table: pd.DataFrame) -> pd.DataFrame:
+    for column in ("batch_size", "devices", "virtual_batch", "norm_batch"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    for column in ("lr_effective",):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    for column in ("epochs_to_target_n", "n_completed", "n_failed", "n_diverged", "n_runs"):
+        table[column] = table[column].astype(int)
+    table["at_chance"] = table["at_chance"].astype(bool)
+    return table
+
+
+def _tidy_setting_column(column: pd.Series) -> pd.Series:
+    """Whole numbers stay whole (grouping turns 5000 next to a null into 5000.0)."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    known = column.map(lambda v: not _is_missing(v))
+    if known.any() and numbers[known].notna().all() and (numbers[known] % 1 == 0).all() \
+            and not column[known].map(lambda v: isinstance(v, bool)).any():
+        return numbers.astype("Int64")
+    return column
+
+
+def _is_missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _select_best_lr(table: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
+    """Keep, per setting, the base lr with the highest mean validation accuracy."""
+    if table["val_acc_mean"].isna().all():
+        raise UserError(NO_VAL_HINT)
+    kept_rows = []
+    for _, rows in table.groupby(setting_keys(settings), dropna=False, sort=False):
+        candidates = ";".join(f"{lr:g}" for lr in sorted(rows["lr"]))
+        with_val = rows.dropna(subset=["val_acc_mean"])
+        if with_val.empty and len(rows) > 1:
+            warn(f"dropping {_describe_setting(rows.iloc[0], settings)}: no validation accuracy to pick an lr")
+            continue
+        if with_val.empty:
+            best = rows.iloc[[0]]
+        else:
+            best = with_val.loc[[with_val["val_acc_mean"].idxmax()]]
+        kept_rows.append(best.assign(lr_candidates=candidates))
+    selected = pd.concat(kept_rows, ignore_index=True)
+    return selected.rename(columns={"lr": "lr_selected"})
+
+
+def _describe_setting(row: pd.Series, settings: list[str]) -> str:
+    text = f"{row['model']}/{row['norm']} ({row['placement']} act.) batch {row['batch_size']}"
+    if not pd.isna(row["virtual_batch"]):
+        text += f" virtual batch {row['virtual_batch']}"
+    return text + "".join(f" {key}={row[key]}" for key in settings)
+
+
+# --------------------------------------------------------------------------------------------
+# Order
+# --------------------------------------------------------------------------------------------
+
+def norm_order() -> list[str]:
+    """The registry's order of the norms: the order in which reports list them."""
+    from normbench.norms import NORMS  # imports torch; only needed once a report is due
+
+    return list(NORMS)
+
+
+def norm_rank(label: str, order: list[str] | None = None) -> tuple[int, str]:
+    """Sort key of a norm label: registry order of its base norm (gn-groups16 sorts with gn,
+    right after it); unknown norms after every known one, alphabetically."""
+    order = norm_order() if order is None else order
+    base = label.split("-")[0]
+    return (order.index(base), label) if base in order else (len(order), label)
+
+
+def _value_rank(column: pd.Series) -> pd.Series:
+    """Ranks for a column of mixed setting values: numbers ascending, then text, then nulls."""
+    def key(value):
+        if _is_missing(value):
+            return (2, 0.0, "")
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            return (0, float(value), "")
+        return (1, 0.0, str(value))
+
+    keys = [key(value) for value in column]
+    ordered = sorted(set(keys))
+    return pd.Series([ordered.index(k) for k in keys], index=column.index)
+
+
+def sort_table(table: pd.DataFrame, settings: list[str] | None = None) -> pd.DataFrame:
+    """Model, differing settings, placement, norm (registry order), batch descending, devices,
+    norm batch descending, lr."""
+    settings = table_setting_columns(table) if settings is None else settings
+    lr_column = "lr_selected" if "lr_selected" in table.columns else "lr"
+    order = norm_order()
+    keys = {"model": table["model"].astype(str)}
+    keys.update({f"setting {key}": _value_rank(table[key]) for key in settings})
+    keys.update({
+        "placement": table["placement"].map(
+            lambda p: PLACEMENT_ORDER.index(p) if p in PLACEMENT_ORDER else len(PLACEMENT_ORDER)),
+        "norm_rank": table["norm"].map(lambda n: norm_rank(n, order)[0]),
+        "norm_name": table["norm"].map(lambda n: norm_rank(n, order)[1]),
+        "batch": -table["batch_size"].astype(float),
+        "devices": table["devices"].astype(float),
+        "norm_batch": -table["norm_batch"].astype(float).fillna(-np.inf),
+        "lr": table[lr_column].astype(float),
+    })
+    sort_keys = pd.DataFrame(keys, index=table.index)
+    return table.loc[sort_keys.sort_values(list(sort_keys.columns), kind="stable").index]
+
+
+# --------------------------------------------------------------------------------------------
+# Display
+# --------------------------------------------------------------------------------------------
+
+EMPTY = "-"
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or pd.isna(value):
+        return EMPTY
+    return f"{value:.{digits}f}"
+
+
+def _fmt_lr(value) -> str:
+    return EMPTY if value is None or pd.isna(value) else f"{value:g}"
+
+
+def _fmt_setting(value) -> str:
+    if _is_missing(value):
+        return EMPTY
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _fmt_acc(mean, std, n: int, at_chance: bool) -> str:
+    if n == 0 or pd.isna(mean):
+        return EMPTY
+    text = f"{mean:.2f}" if n == 1 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"{text} {CHANCE_MARK}" if at_chance else text
+
+
+def _fmt_epochs(mean, n_reached: int, n_completed: int) -> str:
+    if n_reached == 0:
+        return EMPTY
+    text = f"{mean:.1f}"
+    if n_reached < n_completed:
+        text += f" ({n_reached}/{n_completed} seeds)"
+    return text
+
+
+def _base_lr(table: pd.DataFrame) -> pd.Series:
+    return table["lr_selected"] if "lr_selected" in table.columns else table["lr"]
+
+
+def _base_lr_differs(table: pd.DataFrame) -> bool:
+    """Whether any row trained with a rate other than its base lr (scaled with the batch)."""
+    return not np.allclose(table["lr_effective"].astype(float), _base_lr(table).astype(float), rtol=1e-9, atol=0.0)
+
+
+def format_table(table: pd.DataFrame, target_acc: float = 80.0) -> pd.DataFrame:
+    """The human-readable table (strings) for table.md and table.tex. Columns that are empty in
+    every row are left out; so are placement, devices and the base lr when they say nothing
+    (all "before", all 1 device, base lr equal to the lr used)."""
+    selected = "lr_selected" in table.columns
+    rows = list(table.itertuples(index=False))
+    columns: dict[str, list] = {"model": list(table["model"])}
+    for key in table_setting_columns(table):
+        columns[key] = [_fmt_setting(value) for value in table[key]]
+    if not (table["placement"] == "before").all():
+        columns["placement"] = list(table["placement"])
+    columns["norm"] = list(table["norm"])
+    columns["batch"] = [str(b) for b in table["batch_size"]]
+    if (table["devices"] > 1).any():
+        columns["devices"] = [str(d) for d in table["devices"]]
+        columns["global batch"] = [str(b) for b in table["global_batch"]]
+    columns["norm batch"] = [EMPTY if pd.isna(b) else str(b) for b in table["norm_batch"]]
+    columns["lr (selected)" if selected else "lr"] = [_fmt_lr(lr) for lr in table["lr_effective"]]
+    if _base_lr_differs(table):
+        columns["base lr"] = [_fmt_lr(lr) for lr in _base_lr(table)]
+    if selected:
+        columns["val acc"] = [_fmt(v) for v in table["val_acc_mean"]]
+    columns["test acc"] = [
+        _fmt_acc(r.test_acc_mean, r.test_acc_std, r.n_completed, r.at_chance) for r in rows]
+    columns["95% CI ±"] = [_fmt(v) for v in table["test_acc_ci95"]]
+    columns["best test acc"] = [_fmt(v) for v in table["best_test_acc_mean"]]
+    columns["final train loss"] = [_fmt(v, 4) for v in table["train_loss_mean"]]
+    columns[f"epochs to {target_acc:g}%"] = [
+        _fmt_epochs(r.epochs_to_target_mean, r.epochs_to_target_n, r.n_completed) for r in rows
+    ]
+    columns["s/epoch"] = [_fmt(v, 1) for v in table["seconds_per_epoch_mean"]]
+    columns["images/s"] = [_fmt(v, 0) for v in table["images_per_s_mean"]]
+    columns["seeds"] = [str(n) for n in table["n_completed"]]
+    columns["failed"] = [str(n) for n in table["n_failed"]]
+    columns["diverged"] = [str(n) for n in table["n_diverged"]]
+    # A column with nothing in it (no CI with one seed, no run reaching the target) is noise.
+    kept = {name: values for name, values in columns.items()
+            if name in ("model", "norm", "batch") or any(v != EMPTY for v in values)}
+    return pd.DataFrame(kept)
+
+
+def table_title(table: pd.DataFrame, target_acc: float) -> str:
+    n_runs = int(table["n_runs"].sum())
+    n_completed = int(table["n_completed"].sum())
+    n_failed = int(table["n_failed"].sum())
+    n_diverged = int(table["n_diverged"].sum())
+    title = (
+        f"Test accuracy (%) by model, normalization and batch size: mean ± std over completed "
+        f"seeds, from {n_runs} run{'s' if n_runs != 1 else ''} ({n_completed} completed, "
+        f"{n_failed} failed, "
+        f"{n_diverged} diverged); epochs to {target_acc:g}% = first epoch reaching it"
+    )
+    if "lr_selected" in table.columns:
+        title += "; lr selected per row by mean validation accuracy"
+    return title
+
+
+def table_notes(table: pd.DataFrame, protocol: str | None = None) -> list[str]:
+    """Lines under the table: the protocol, what the lr column is, and the chance marker."""
+    notes = []
+    if protocol:
+        notes.append(f"Protocol: {protocol}.")
+    if _base_lr_differs(table):
+        notes.append("lr: the rate the optimizer used, the base lr scaled with the batch by the lr rule.")
+    settings = table_setting_columns(table)
+    if settings:
+        notes.append(f"The runs differ in {', '.join(settings)}: rows with different values there "
+                     "are different experiments, not seeds of one.")
+        if any((table[key].astype(str) == UNKNOWN).any() for key in settings):
+            notes.append(f"{UNKNOWN}: not recorded (a summary without the run's config, e.g. a failed "
+                         "run's, that matches no single experiment).")
+    if table["at_chance"].any():
+        notes.append(
+            f"{CHANCE_MARK} at chance level: the best test accuracy of every seed stayed within "
+            f"{CHANCE_MARGIN:g} points of {CHANCE_ACC:g}% (10 classes), so the arm never learned; "
+            "rows of such arms can be identical.")
+    return notes
+
+
+_NUMERIC_DISPLAY_COLUMNS = {
+    "batch", "devices", "global batch", "norm batch", "lr", "lr (selected)", "base lr", "val acc",
+    "test acc", "95% CI ±", "best test acc", "final train loss", "s/epoch", "images/s", "seeds",
+    "failed", "diverged",
+}
+
+
+def to_markdown(display: pd.DataFrame, title: str, notes: list[str] = ()) -> str:
+    header = "| " + " | ".join(display.columns) + " |"
+    align = "|" + "|".join(
+        "---:" if c in _NUMERIC_DISPLAY_COLUMNS or c.startswith("epochs to") else ":---"
+        for c in display.columns
+    ) + "|"
+    body = [
+        "| " + " | ".join(str(value) for value in row) + " |"
+        for row in display.itertuples(index=False)
+    ]
+    footer = ["", *notes] if notes else []
+    return "\n".join([f"## {title}", "", header, align, *body, *footer]) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    replacements = {
+        "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+        "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+        "±": r"$\pm$", CHANCE_MARK: r"$\dagger$", "×": r"$\times$", "√": r"$\surd$",
+    }
+    return "".join(replacements.get(ch, ch) for ch in str(text))
+
+
+def to_latex(display: pd.DataFrame, title: str, notes: list[str] = ()) -> str:
+    escaped = display.map(_latex_escape)
+    escaped.columns = [_latex_escape(c) for c in display.columns]
+    try:
+        import jinja2  # noqa: F401  (pandas' to_latex needs it)
+
+        tabular = escaped.to_latex(index=False, escape=False, column_format="l" * display.shape[1])
+    except ImportError:
+        lines = [
+            r"\begin{tabular}{" + "l" * display.shape[1] + "}",
+            r"\toprule",
+            " & ".join(escaped.columns) + r" \\",
+            r"\midrule",
+            *(" & ".join(row) + r" \\" for row in escaped.itertuples(index=False)),
+            r"\bottomrule",
+            r"\end{tabular}",
+        ]
+        tabular = "\n".join(lines) + "\n"
+    # Notes as LaTeX text under the tabular, so the chance marker is explained where it appears.
+    footer = "".join(f"\n\\par\\noindent{{\\footnotesize {_latex_escape(note)}}}" for note in notes)
+    return f"% {title}\n" + tabular + (footer + "\n" if footer else "")
