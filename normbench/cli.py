@@ -110,7 +110,8 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
     """A failed run's summary: its identity, no metrics (the report counts it as failed)."""
-    record = summary.new(identity.run_identity(cfg), summary.FAILED, reason=reason, epochs_done=0)
+    record = summary.new(identity.run_identity(cfg), summary.FAILED, reason=reason, epochs_done=0,
+                         config=identity.run_config(cfg))
     try:
         summary.write(run_dir, record)
     except OSError:

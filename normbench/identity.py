@@ -92,11 +92,14 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     norm options that differ from their defaults join the norm's part (gn-groups16); the
     virtual batch joins the batch part (bs128-vb8) for batch-dependent norms only, so the
     duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
-    (free text) separates runs that differ in anything else."""
+    (free text) separates runs that differ in anything else. A data-parallel run's batch part
+    also names its devices (bs64x2dev: 64 per device on 2)."""
     vb = norm.get("virtual_batch")
     vb_part = f"-vb{vb}" if vb is not None and uses_batch_stats(norm) else ""
+    devices_part = f"x{world_size()}dev" if world_size() > 1 else ""  # batch_size is per device
     variant_part = f"/{variant}" if variant else ""
-    return f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{vb_part}/lr{lr:g}{variant_part}/seed{seed}"
+    return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{variant_part}"
+            f"/seed{seed}")
 
 
 def run_config(cfg: DictConfig) -> dict:
