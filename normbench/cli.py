@@ -1,7 +1,9 @@
 """The `normbench` command: Hydra composes the config, `run_job` runs (or skips, or resumes) one run.
 
 A run never raises out of `run_job` in a sweep: crashes are recorded in the run's summary.json
-and the sweep goes on; the sweep callback prints what failed at the end.
+and the sweep goes on; the sweep callback prints what failed at the end. A data-parallel run
+(torchrun, SLURM, submitit: `distributed`) calls `run_job` on every rank; rank 0 decides and
+writes, and a crash on any rank ends the job with a recorded failure.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench import atomic, identity, summary, validate
+from normbench import atomic, distributed, identity, summary, validate
 from normbench.errors import UserError
 
+# Before Hydra resolves a job's folder (its name carries the device count): a submitit task imports
+# this module when it unpickles its job, before it starts it.
+distributed.adopt_cluster_env()
 OmegaConf.register_new_resolver("nb.run_name", identity.run_name, replace=True)
 
 
@@ -49,6 +54,17 @@ def claim(run_dir: Path):
         os.close(fd)
 
 
+@contextmanager
+def claim_for_every_rank(run_dir: Path):
+    """`claim` by rank 0 for the whole data-parallel run, every rank following its answer (a claim
+    per rank would make the ranks above 0 skip the run that rank 0 holds)."""
+    if not distributed.is_main():
+        yield distributed.broadcast(None)
+        return
+    with claim(run_dir) as claimed:
+        yield distributed.broadcast(claimed)
+
+
 def _show_progress(cfg: DictConfig) -> bool:
     if cfg.progress == "auto":
         return sys.stderr.isatty() and not os.environ.get("CI")
@@ -64,52 +80,87 @@ def _auto_threads(cfg: DictConfig) -> None:
 
 
 def run_job(cfg: DictConfig) -> dict | None:
-    """Validate, then skip / resume / start the run in Hydra's output dir. Returns its summary."""
+    """Validate, then skip / resume / start the run in Hydra's output dir. Returns its summary.
+
+    In a data-parallel run every rank calls it: rank 0 claims the folder and decides whether the
+    run is due, and the other ranks follow; bad input is the same on every rank (rank 0 records it)."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    attempt_start = time.time()
+    main = distributed.is_main()
     try:
         validate.check_config(cfg)
         _auto_threads(cfg)
-        with claim(run_dir) as claimed:
+        distributed.init_process_group(cfg.dist_timeout_s)  # a no-op in a single process
+        with claim_for_every_rank(run_dir) as claimed:
             if not claimed:
-                print(f"skip {cfg.run_name}: another live process is training it")
+                if main:
+                    print(f"skip {cfg.run_name}: another live process is training it")
                 return None
             from normbench.train import train  # torch-heavy: imported once a run is really due
 
-            fp = identity.fingerprint(identity.run_config(cfg))
-            previous = summary.read(run_dir)
-            if previous and previous["status"] in summary.FINISHED and previous["fingerprint"] == fp:
-                print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous['test_acc']})")
-                return previous
-            if previous and previous["status"] in summary.FINISHED:
-                print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
+            finished = distributed.broadcast(_finished_summary(cfg, run_dir) if main else None)
+            if finished:
+                return finished
             return train(cfg, run_dir, progress=_show_progress(cfg))
     except UserError as e:
         if not in_sweep:  # SystemExit passes through Hydra's error reporting untouched
             if cfg.debug:
                 traceback.print_exc()
-            print(f"normbench: error: {e}", file=sys.stderr)
+            if main:
+                print(f"normbench: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        if not main:
+            return None
         print(f"error in {cfg.run_name}: {e}", file=sys.stderr)
         return _record_failure(cfg, run_dir, f"invalid input: {e}")
     except Exception as e:  # noqa: BLE001 - one crashed run must not take down a sweep
         if cfg.debug:
             traceback.print_exc()
-        log = run_dir / "error.log"
+        data_parallel = distributed.world_size() > 1
+        rank = distributed.rank()
+        log = run_dir / (f"error.rank{rank}.log" if data_parallel else "error.log")
         try:
             atomic.write_text(log, traceback.format_exc())
         except OSError:  # the crash may be the disk itself
             log = "not written"
-        print(f"error: {cfg.run_name} crashed: {type(e).__name__}: {e} (traceback: {log})", file=sys.stderr)
-        result = _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
-        if not in_sweep:
+        who = f"rank {rank}: " if data_parallel else ""
+        print(f"error: {cfg.run_name} crashed: {who}{type(e).__name__}: {e} (traceback: {log})", file=sys.stderr)
+        result = _record_failure(cfg, run_dir, f"{who}{type(e).__name__}: {e}",
+                                 first_since=attempt_start if data_parallel else None)
+        # A data-parallel job ends when a rank crashes: the other ranks cannot go on in step with it
+        # (torchrun then stops them; a submitit task runs this one job only, its peers fail on the
+        # broken connection or the process group's timeout).
+        if not in_sweep or (data_parallel and not distributed.launched_by_submitit()):
             raise SystemExit(1)
         return result
 
 
-def _record_failure(cfg: DictConfig, run_dir: Path, reason: str) -> dict:
-    """A failed run's summary: its identity, no metrics (the report counts it as failed)."""
+def _finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The summary of this very run if it is finished already (then it is skipped), else None."""
+    fp = identity.fingerprint(identity.run_config(cfg))
+    previous = summary.read(run_dir)
+    if previous and previous["status"] in summary.FINISHED and previous["fingerprint"] == fp:
+        print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous['test_acc']})")
+        return previous
+    if previous and previous["status"] in summary.FINISHED:
+        print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
+    return None
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, reason: str, first_since: float | None = None) -> dict:
+    """A failed run's summary: its identity, no metrics (the report counts it as failed).
+
+    In a data-parallel run (`first_since`: when this rank's attempt began) the first rank to fail
+    says why: a rank that fails after it, on the broken connection, keeps that record."""
+    if first_since is not None:
+        try:
+            earlier = summary.read(run_dir) if (run_dir / summary.SUMMARY_NAME).stat().st_mtime >= first_since else None
+        except OSError:
+            earlier = None
+        if earlier and earlier["status"] == summary.FAILED:
+            return earlier
     record = summary.new(identity.run_identity(cfg), summary.FAILED, reason=reason, epochs_done=0,
                          config=identity.run_config(cfg))
     try:
@@ -134,6 +185,8 @@ class SweepSummary(Callback):
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not distributed.is_main():  # every rank of a sweep under torchrun ends here; rank 0 reports
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         started = getattr(self, "started", 0.0)
         failed, counts = [], {}
@@ -187,5 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"normbench: error: {e}", file=sys.stderr)
+        if distributed.is_main():  # every rank of a data-parallel run finds the same bad input
+            print(f"normbench: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

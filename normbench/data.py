@@ -270,12 +270,22 @@ class Batches:
     """Augmented, normalized batches from a Split that lives on the training device.
 
     Training batches drop the last incomplete batch, so every step sees exactly `batch_size`
-    images (the normalization batch stays what the config says)."""
+    images (the normalization batch stays what the config says).
+
+    In a data-parallel run (`world_size` processes) `batch_size` is the per-device batch. Training:
+    step i of an epoch is the global batch i of the one epoch order (seed, epoch), `batch_size *
+    world_size` images, and rank r takes its r-th slice, so the ranks' slices together are exactly
+    what a single process with the global batch would see. Evaluation: rank r takes every
+    world_size-th image from r (Split.shard), so the ranks cover the split once."""
 
     def __init__(self, split: Split, batch_size: int, device, *, train: bool, seed: int = 0,
-                 crop_padding: int = 4, flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+                 crop_padding: int = 4, flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 rank: int = 0, world_size: int = 1):
         self.split = split.to(device)
+        if not train and world_size > 1:
+            self.split = self.split.shard(rank, world_size)
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.train = train
         self.seed = seed
@@ -286,7 +296,7 @@ class Batches:
 
     def __len__(self) -> int:
         n = len(self.split)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return n // (self.batch_size * self.world_size) if self.train else -(-n // self.batch_size)
 
     def _epoch_plan(self, epoch: int):
         """Permutation, crop offsets and flips of every image for this epoch, from (seed, epoch) alone."""
@@ -310,7 +320,8 @@ class Batches:
         b = torch.arange(self.batch_size, device=self.device)[:, None, None, None]
         c = torch.arange(3, device=self.device)[None, :, None, None]
         for i in range(start, len(self)):
-            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            first = (i * self.world_size + self.rank) * self.batch_size  # this rank's slice of global batch i
+            idx = perm[first:first + self.batch_size]
             x = self.split.x[idx]
             if self.pad:
                 x = F.pad(x, (self.pad,) * 4)

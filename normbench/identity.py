@@ -22,7 +22,8 @@ RESULTS_VERSION = 2
 
 # Keys that do not change what a run computes: where it writes, how it reports progress.
 NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
-                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "experiment", "device", "hydra"}
+                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "experiment", "device", "hydra",
+                     "dist_timeout_s"}
 NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
 
 
@@ -33,10 +34,10 @@ def effective_lr(cfg: DictConfig) -> float:
 
 
 def world_size() -> int:
-    """Processes of a data-parallel run (torchrun / SLURM set WORLD_SIZE); 1 otherwise."""
-    import os
+    """Processes (devices) of a data-parallel run (torchrun / SLURM / submitit); 1 otherwise."""
+    from normbench import distributed
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed.world_size()
 
 
 def uses_batch_stats(norm: DictConfig) -> bool:
@@ -129,8 +130,10 @@ def run_identity(cfg: DictConfig) -> dict:
     """The summary.json fields that say which run this is (completed, diverged or failed alike)."""
     vb = effective_virtual_batch(cfg)
     batch_dependent = uses_batch_stats(cfg.norm)
+    # Synchronized statistics span every device's batch; a virtual batch fixes the normalization batch.
+    norm_batch = vb or cfg.batch_size * (world_size() if cfg.norm.get("sync") else 1)
     return {"run_name": cfg.run_name, "model": cfg.model.name, "norm": cfg.norm.name, "norm_label": norm_label(cfg.norm),
             "placement": model_options(cfg.model).get("placement", "before"), "batch_size": cfg.batch_size,
             "devices": world_size(), "virtual_batch": vb,
-            "norm_batch": (vb or cfg.batch_size) if batch_dependent else None,
+            "norm_batch": norm_batch if batch_dependent else None,
             "lr": cfg.lr, "lr_effective": effective_lr(cfg), "seed": cfg.seed, "epochs": cfg.epochs}

@@ -10,19 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 from normbench import atomic, summary as run_summary
+from normbench.distributed import rank
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
                   "lr", "seconds"]
 # Scalars shown as metrics in TensorBoard's HPARAMS tab (their last value per run).
 HPARAM_METRICS = ["test/acc", "test/loss", "train/loss", "train/acc", "summary/best_test_acc"]
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 class RunRecorder:

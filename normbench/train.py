@@ -8,11 +8,19 @@ The loop keeps per-step values on the device and syncs with the host only every 
 steps (train loss scalar, divergence check) and at epoch ends. TensorBoard's x axis is the
 number of training images seen (one epoch = the training set's size), the same in every run
 whatever its batch size.
+
+Data-parallel (torchrun, SLURM: `distributed`): every rank builds the same Run; the model is
+wrapped in DistributedDataParallel (gradients averaged), each rank trains on its slice of every
+global batch and evaluates its shard of the test set, metrics are summed over the ranks in one
+place (`reduce_over_ranks`), rank 0 alone writes files, and a checkpoint also holds what differs
+between the ranks (running statistics, the epoch's sums), so every rank resumes exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from normbench import checkpoint, data, identity, norms, summary
+from normbench import checkpoint, data, distributed, identity, norms, summary
 from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.tracking import RunRecorder
@@ -91,14 +99,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reduce_sum(*values: torch.Tensor) -> list[torch.Tensor]:
-    """Sum per-process tensors over the ranks of a data-parallel run (the one place metrics are
-    reduced); the values themselves in a single process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def reduce_over_ranks(*values: torch.Tensor, op: str = "sum") -> list[torch.Tensor]:
+    """Per-process 0-dim tensors combined over the ranks of a data-parallel run, their "sum" or
+    "min" (the one place metrics are reduced); the values themselves in a single process."""
+    if not distributed.is_initialized():
         return list(values)
     stacked = torch.stack([v.double() for v in values])
-    torch.distributed.all_reduce(stacked)
+    torch.distributed.all_reduce(stacked, op={"sum": torch.distributed.ReduceOp.SUM,
+                                              "min": torch.distributed.ReduceOp.MIN}[op])
     return list(stacked.unbind())
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model as the training step calls it: wrapped in DistributedDataParallel (gradients
+    averaged over the ranks) in a data-parallel run, the model itself otherwise."""
+    if not distributed.is_initialized():
+        return model
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # No buffer sync before each forward (broadcast_buffers=False; torch >= 2.13 calls it
+    # forward_sync_buffers): each rank keeps the running statistics of its own batches, as separate
+    # devices do without synchronized BN (norm.sync=true is what makes them agree). DDP's default
+    # would copy rank 0's over them before every forward, which also changes Batch Renorm's training
+    # forward (it corrects towards its running statistics). Evaluation uses rank 0's (Run.rank0_buffers).
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False})
 
 
 @torch.no_grad()
@@ -112,8 +136,8 @@ def evaluate(model, batches: data.Batches, autocast) -> tuple[float, float]:
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    n = torch.tensor(float(len(batches.split)), device=batches.device)
-    loss_sum, correct, n = reduce_sum(loss_sum, correct, n)
+    n = torch.tensor(float(len(batches.split)), device=batches.device)  # this rank's shard
+    loss_sum, correct, n = reduce_over_ranks(loss_sum, correct, n)
     return loss_sum.item() / n.item(), 100.0 * correct.item() / n.item()
 
 
@@ -162,7 +186,10 @@ class Run:
         self.t_start = time.perf_counter()
         self.config = identity.run_config(cfg)
         self.fingerprint = identity.fingerprint(self.config)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.device = device = resolve_device(cfg.device)
+        if device.type == "cuda" and device.index is None and self.world > 1:
+            self.device = device = torch.device("cuda", distributed.gpu_index())  # one GPU per process
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         use_amp = device.type == "cuda" if cfg.amp == "auto" else cfg.amp is True
@@ -171,18 +198,25 @@ class Run:
         # Data: decoded once, cached; subsets drawn with a seed of their own.
         self.ds = ds = data.select(data.load_cifar10(cfg.data.root, cfg.data.cache_dir), cfg.data.subset,
                                    cfg.data.test_subset, cfg.data.val_split, cfg.seed).to(device)
-        if cfg.batch_size > len(ds.train):
-            raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({len(ds.train)} images); "
-                            "lower it or raise data.subset")
+        if cfg.batch_size * self.world > len(ds.train):
+            on_devices = f" x {self.world} devices" if self.world > 1 else ""
+            raise UserError(f"batch_size={cfg.batch_size}{on_devices} is larger than the training set ({len(ds.train)} "
+                            "images); lower it or raise data.subset")
         self.train_batches = self.train_batches_from(cfg.seed)
-        self.test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False)
-        self.val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False) if ds.val else None
+        shard = {"rank": self.rank, "world_size": self.world}  # each rank evaluates its shard
+        self.test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False, **shard)
+        self.val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False, **shard) if ds.val else None
         self.steps_per_epoch = len(self.train_batches)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         seed_everything(cfg.seed)
         self.model = model = make_model(cfg).to(device)
         norms.set_training_length(model, self.total_steps)
+        self.train_model = data_parallel(model, device)
+        if cfg.norm.get("sync") and self.world == 1:
+            log("warning: norm.sync=true in a single process: statistics are this process's batch, as without sync")
+        elif cfg.norm.get("sync") and cfg.norm.get("virtual_batch") is not None:
+            log("warning: norm.sync=true has no effect with norm.virtual_batch: each virtual group keeps its own statistics")
         self.lr = identity.effective_lr(cfg)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=cfg.optim.momentum,
                                          nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
@@ -194,12 +228,13 @@ class Run:
         # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
         self.log_every, self.gap_every = int(cfg.log_every), int(cfg.stat_gap_every or 0)
         self.ckpt_every = int(cfg.ckpt_every or 0)
-        self.sync_every = 1 if device.type == "cpu" else self.log_every  # a host sync is free on the CPU
+        # A host sync is free on the CPU; the divergence check of a data-parallel run is a collective.
+        self.sync_every = 1 if device.type == "cpu" and self.world == 1 else self.log_every
 
     def train_batches_from(self, seed: int) -> data.Batches:
         cfg = self.cfg
         return data.Batches(self.ds.train, cfg.batch_size, self.device, train=True, seed=seed,
-                            crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
+                            crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, rank=self.rank, world_size=self.world)
 
     def images_seen(self, step: int) -> int:
         """TensorBoard's x axis: training images seen after `step` steps (one epoch = the training set)."""
@@ -207,7 +242,15 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------------------
     def resume(self) -> None:
-        """Continue from the run folder's checkpoint, if there is a usable one."""
+        """Continue from the run folder's checkpoint, if there is a usable one (every rank reads it)."""
+        self._load_checkpoint()
+        if self.world > 1:
+            step_of_rank0 = distributed.broadcast(self.state.step)
+            if step_of_rank0 != self.state.step:
+                raise RuntimeError(f"rank {self.rank} resumes at step {self.state.step}, rank 0 at step {step_of_rank0}: "
+                                   "every rank must read the same checkpoint (put out_dir on a filesystem all nodes share)")
+
+    def _load_checkpoint(self) -> None:
         if not self.ckpt_path.exists():
             return
         try:
@@ -216,21 +259,35 @@ class Run:
             if self.cfg.on_bad_checkpoint == "stop":
                 raise UserError(f"{e}; delete it to start over, or set on_bad_checkpoint=restart") from None
             self.log(f"warning: {e}; starting this run from scratch")
-            self.ckpt_path.unlink()
+            if distributed.is_main():
+                self.ckpt_path.unlink()
             return
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         checkpoint.set_rng_state(saved["rng"])
         self.state.load_state_dict(saved["run"], self.device)
+        if self.world > 1:  # this rank's own running statistics and epoch sums
+            own = saved["ranks"][self.rank]
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    buffer.copy_(own["buffers"][name])
+            self.state.acc = {k: v.to(self.device) for k, v in own["acc"].items()}
         if saved["threads"] != torch.get_num_threads():
             self.log(f"warning: resuming with {torch.get_num_threads()} CPU threads, the checkpoint was written with "
                      f"{saved['threads']}: CPU results may differ from an uninterrupted run in the last digits")
         s = self.state
         self.log(f"resuming {self.cfg.run_name} from epoch {s.epoch} batch {s.batch_in_epoch} (step {s.step})")
 
+    def rank_state(self) -> dict:
+        """What differs between the ranks of a data-parallel run: the running statistics of their own
+        batches (BN without sync) and their sums of the epoch so far."""
+        return {"buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()},
+                "acc": {k: v.cpu() for k, v in self.state.acc.items()}}
+
     def save_checkpoint(self, epoch_s_so_far: float = 0.0) -> None:
-        if not self.recorder.enabled:  # rank 0 writes for everyone (tracking.rank)
+        rank_states = distributed.gather(self.rank_state()) if self.world > 1 else None  # every rank takes part
+        if not distributed.is_main():  # rank 0 writes for everyone
             return
         run_state = self.state.state_dict()
         run_state["elapsed_s"] = self.state.elapsed_s + time.perf_counter() - self.t_start
@@ -240,16 +297,18 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "run": run_state,
             "threads": torch.get_num_threads(),
+            **({"ranks": rank_states} if rank_states else {}),
         })
 
     def start_recording(self) -> None:
         """Open the run's logs; a fresh start first clears what an abandoned attempt left."""
         run_dir, step = self.run_dir, self.state.step
-        # Every check has passed: an older summary.json (another config's) is no longer this run's.
-        (run_dir / summary.SUMMARY_NAME).unlink(missing_ok=True)
-        if step == 0:  # events and temp files of an abandoned attempt go
-            for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
-                stale.unlink()
+        if distributed.is_main():  # the files are rank 0's
+            # Every check has passed: an older summary.json (another config's) is no longer this run's.
+            (run_dir / summary.SUMMARY_NAME).unlink(missing_ok=True)
+            if step == 0:  # events and temp files of an abandoned attempt go
+                for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
+                    stale.unlink()
         # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
         self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None)
         self.recorder.rows = list(self.state.rows)
@@ -274,7 +333,7 @@ class Run:
         for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch):
             record_gaps = self.gap_every and s.step % self.gap_every == 0
             with self.autocast(), (norms.recording_batch_stats(model) if record_gaps else contextlib.nullcontext()):
-                logits = model(x)
+                logits = self.train_model(x)
                 loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -296,10 +355,13 @@ class Run:
             x_axis = self.images_seen(s.step)
             if record_gaps:
                 self.log_stat_gaps(x_axis)
-            if s.step % self.sync_every == 0 and self.diverged_at() is not None:
-                return self.diverged_at()
+            if s.step % self.sync_every == 0:
+                bad_step = self.diverged_at()
+                if bad_step is not None:
+                    return bad_step
             if s.step % self.log_every == 0:
-                recorder.scalar("train/loss", acc["window_loss"] / acc["window_n"], x_axis)
+                window_loss, window_n = reduce_over_ranks(acc["window_loss"], acc["window_n"])
+                recorder.scalar("train/loss", window_loss / window_n, x_axis)
                 recorder.scalar("lr", self.scheduler.get_last_lr()[0], x_axis)
                 for tag, value in norms.schedule_scalars(model).items():
                     recorder.scalar(tag, value, x_axis)
@@ -322,8 +384,10 @@ class Run:
                 self.recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, x_axis)
 
     def diverged_at(self) -> int | None:
-        bad = int(self.state.acc["first_bad_step"].item())
-        return bad if bad >= 0 else None
+        """The first step with a non-finite loss (on any rank: every rank stops at the same step), if any."""
+        first_bad = self.state.acc["first_bad_step"].double()  # -1: none on this rank
+        earliest = reduce_over_ranks(torch.where(first_bad < 0, math.inf, first_bad), op="min")[0].item()
+        return int(earliest) if math.isfinite(earliest) else None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -337,10 +401,11 @@ class Run:
         if precise_n:  # batches of their own, so the run's data order is not disturbed
             extra = self.train_batches_from(cfg.seed + 104729)
             norms.precise_bn_update(self.model, (x for x, _ in _take(extra.epoch(s.epoch), precise_n)))
-        test_loss, test_acc = evaluate(self.model, self.test_batches, self.autocast)
-        val_loss, val_acc = evaluate(self.model, self.val_batches, self.autocast) if self.val_batches else (None, None)
+        with self.rank0_buffers():
+            test_loss, test_acc = evaluate(self.model, self.test_batches, self.autocast)
+            val_loss, val_acc = evaluate(self.model, self.val_batches, self.autocast) if self.val_batches else (None, None)
         s.epoch += 1
-        loss_sum, correct, seen = reduce_sum(acc["loss_sum"], acc["correct"], acc["seen"])
+        loss_sum, correct, seen = reduce_over_ranks(acc["loss_sum"], acc["correct"], acc["seen"])
         seen = seen.item()
         row = {"epoch": s.epoch, "step": s.step, "train_loss": loss_sum.item() / seen,
                "train_acc": 100.0 * correct.item() / seen, "test_loss": test_loss, "test_acc": test_acc,
@@ -355,7 +420,7 @@ class Run:
                          ("test/acc", "test_acc"), ("val/loss", "val_loss"), ("val/acc", "val_acc")):
             if row[key] is not None:
                 recorder.scalar(tag, row[key], x_axis)
-        recorder.scalar("perf/images_per_s", self.steps_per_epoch * cfg.batch_size / self.epoch_seconds, x_axis)
+        recorder.scalar("perf/images_per_s", self.steps_per_epoch * self.global_batch / self.epoch_seconds, x_axis)
         recorder.scalar("perf/seconds_per_epoch", self.epoch_seconds, x_axis)
         recorder.epoch_row(row)
         s.rows = list(recorder.rows)
@@ -364,6 +429,27 @@ class Run:
         s.batch_in_epoch = 0
         acc.update({k: torch.zeros_like(acc[k]) for k in ("loss_sum", "correct", "seen")})
         self.save_checkpoint()
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    @contextlib.contextmanager
+    def rank0_buffers(self):
+        """The run's model is rank 0's (the one its checkpoint holds): in a data-parallel run the
+        other ranks evaluate their shards with rank 0's running statistics, then take their own back."""
+        if self.world == 1:
+            yield
+            return
+        own = [b.clone() for b in self.model.buffers()]
+        for b in self.model.buffers():
+            torch.distributed.broadcast(b, src=0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, mine in zip(self.model.buffers(), own):
+                    b.copy_(mine)
 
     # -- the end of the run --------------------------------------------------------------
     def finish(self, status: str, diverged_step: int | None = None) -> dict:
@@ -374,7 +460,7 @@ class Run:
         else:
             self.recorder.scalar("summary/best_test_acc", s.best_test_acc, self.images_seen(s.step))
         last = s.rows[-1] if s.rows else {}
-        images = len(s.rows) * self.steps_per_epoch * cfg.batch_size
+        images = len(s.rows) * self.steps_per_epoch * self.global_batch
         record = summary.new(
             identity.run_identity(cfg), status,
             reason=f"non-finite loss at step {diverged_step}" if status == summary.DIVERGED else None,
@@ -392,7 +478,10 @@ class Run:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=print) -> dict:
-    """Train one run in `run_dir` (resuming from its checkpoint if any) and return its summary."""
+    """Train one run in `run_dir` (resuming from its checkpoint if any) and return its summary.
+    In a data-parallel run every rank calls it; rank 0 alone logs and writes."""
+    if not distributed.is_main():
+        log, progress = (lambda *args, **kwargs: None), False
     run = Run(cfg, Path(run_dir), log)
     run.resume()
     run.start_recording()

@@ -151,6 +151,7 @@ def check_config(cfg) -> None:
         check_nonnegative_int(key, cfg[key] or 0)
     if cfg.threads is not None:
         check_positive_int("threads", cfg.threads)
+    check_positive_int("dist_timeout_s", cfg.dist_timeout_s)
     check_device(cfg.device)
     check_choice("amp", cfg.amp, ("auto", True, False))
     check_choice("progress", cfg.progress, ("auto", True, False))

@@ -90,10 +90,10 @@ NORMS: dict[str, NormInfo] = {
     info.name: info
     for info in [
         NormInfo("none", "no normalization (identity)", no_norm),
-        NormInfo("bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN",
-                 BatchNorm, batch_dependent=True),
+        NormInfo("bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN, "
+                 "sync (SyncBN)", BatchNorm, batch_dependent=True),
         NormInfo("brn", "batch renormalization (Ioffe 2017): BN corrected towards moving stats by clipped r, d; "
-                 "r/d limits relax over fractions of the run", BatchRenorm, batch_dependent=True),
+                 "r/d limits relax over fractions of the run; sync", BatchRenorm, batch_dependent=True),
         NormInfo("gn", "group norm (Wu & He 2018): per-sample stats over (C/G,H,W) per group", group_norm),
         NormInfo("ln", "layer norm as in the Group Norm paper: per-sample stats over (C,H,W), per-channel affine",
                  layer_norm),
@@ -168,6 +168,7 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "mean_only_bn": _as_bool,
     "virtual_batch": _as_int(1),
     "precise_stats": _as_int(0),
+    "sync": _as_bool,
     "groups": _as_int(1),
     "group_size": _as_int(1),
     "r_max": _as_float(1.0),
