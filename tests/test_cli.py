@@ -175,12 +175,10 @@ def test_sweep_with_one_bad_value_stops_before_its_first_run(run, tmp_path):
 
 
 def test_preset_sweep_is_checked_before_its_first_run(tiny_data, tmp_path):
-    # experiment=quick sweeps batch_size=2,128 in its own sweep parameters (so no batch_size here);
-    # the config's default batch (128) alone would pass.
-    args = [a for a in TINY_OVERRIDES if not a.startswith("batch_size=")]
-    result = run_cli([*args, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", "experiment=quick",
-                      "norm.virtual_batch=4"])
-    assert_one_line_error(result, "norm.virtual_batch=4 does not divide batch_size=2")
+    # experiment=quick sweeps norm.virtual_batch=32,2 in its own sweep parameters; with batch_size=8
+    # (TINY_OVERRIDES) its first value cannot divide the batch.
+    result = run_cli([*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", "experiment=quick"])
+    assert_one_line_error(result, "norm.virtual_batch=32 does not divide batch_size=8")
     assert not (tmp_path / "runs").exists()
 
 

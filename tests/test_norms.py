@@ -399,7 +399,7 @@ def test_brn_with_unit_limits_equals_bn():
     rm, rv = torch.tensor([5.0, -3.0, 0.5]), torch.tensor([9.0, 0.1, 4.0])
     for opts in ({"r_max": 1.0, "d_max": 0.0, "relax_unit": "steps", "relax_start": 0, "r_relax": 0, "d_relax": 0}, {}):
         brn = set_training_length(build_norm("brn", 3, **opts).train(), 1000)  # step 0: limits (1, 0) either way
-        bn = build_norm("bn", 3, momentum=0.01).train()
+        bn = build_norm("bn", 3, momentum=0.1).train()
         _set_stats(brn, rm, rv, w, b)
         _set_stats(bn, rm, rv, w, b)
         torch.testing.assert_close(brn(x), bn(x))
@@ -419,7 +419,8 @@ def test_brn_clipping_formula():
     sig = (rv + eps).sqrt()
     rm = torch.stack([bm[0] - 2 * sig[0], bm[1] + 2 * sig[1], bm[2] - 0.2 * sig[2], bm[3] + 0.3 * sig[3]])
     w, b = torch.tensor([1.5, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.3, 0.0])
-    brn = build_norm("brn", 4, r_max=1.5, d_max=0.5, relax_unit="steps", relax_start=0, r_relax=0, d_relax=0).train()
+    brn = build_norm("brn", 4, momentum=0.01, r_max=1.5, d_max=0.5, relax_unit="steps", relax_start=0, r_relax=0,
+                     d_relax=0).train()
     _set_stats(brn, rm, rv, w, b)
     r = (sb / sig).clamp(1 / 1.5, 1.5)
     d = ((bm - rm) / sig).clamp(-0.5, 0.5)
@@ -818,18 +819,18 @@ def test_frn_and_evonorm_without_activation():
 
 
 def test_brn_relaxes_within_a_short_run():
-    """Fractions of the run: a 100-step run leaves (1, 0) after 5 steps, d_max reaches 5 at step 25
-    and r_max reaches 3 at step 40 (the paper's 5k/25k/40k on a 100k scale)."""
+    """Fractions of the run: a 100-step run keeps (1, 0) for 20 steps, d_max reaches 5 at step 40
+    and r_max reaches 3 at step 60."""
     brn = set_training_length(build_norm("brn", 2).train(), 100)
     x = torch.randn(4, 2, 3, 3)
     limits = {}
-    for step in range(60):
+    for step in range(80):
         limits[step] = tuple(round(float(v), 4) for v in brn.current_limits())
         brn(x)
-    assert limits[0] == limits[5] == (1.0, 0.0)
-    assert limits[15] == (round(1 + 2 * 10 / 35, 4), 2.5)
-    assert limits[25][1] == 5.0 and limits[25][0] < 3
-    assert limits[40] == (3.0, 5.0) == limits[59]
+    assert limits[0] == limits[20] == (1.0, 0.0)
+    assert limits[30] == (1.5, 2.5)
+    assert limits[40][1] == 5.0 and limits[40][0] < 3
+    assert limits[60] == (3.0, 5.0) == limits[79]
     assert schedule_scalars(brn) == {"brn/r_max": torch.tensor(3.0), "brn/d_max": torch.tensor(5.0)}
     with pytest.raises(RuntimeError, match="set_training_length"):
         build_norm("brn", 2).train()(x)  # a fraction of an unknown length is refused, not guessed

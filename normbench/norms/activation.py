@@ -404,9 +404,17 @@ class BatchRenorm(_BatchStatNorm):
     training steps, then linear ramps reaching ``r_max`` after ``r_relax`` more steps and ``d_max``
     after ``d_relax`` more steps (d before r). With ``relax_unit='fraction'`` (default) the three
     lengths are fractions of the run's training steps, which the trainer sets with
-    ``set_training_length``: the defaults 0.05 / 0.35 / 0.2 are the paper's 5k / 35k / 20k steps
-    on a 100k-step scale, so r reaches 3 at 40% of training and d reaches 5 at 25%, whatever the
-    run's length. With ``relax_unit='steps'`` they are absolute steps (paper: 5000 / 35000 / 20000).
+    ``set_training_length``: by default the limits stay at (1, 0) for the first 20% of training,
+    d reaches 5 at 40% and r reaches 3 at 60%, whatever the run's length. With
+    ``relax_unit='steps'`` they are absolute steps (paper: 5000 / 35000 / 20000, with momentum 0.01).
+
+    Why not the paper's proportions (5k of ~160k steps, alpha = 0.01): its warm period was about six
+    ImageNet epochs (50 workers x 32 images x 5k steps), so the network was past its fast early
+    changes and the moving averages (time constant 1/alpha = 100 steps) had converged before any
+    correction. In a short run 5% falls inside the LR warmup and 100 steps is half the run:
+    measured here (plain CNN, 8,000 CIFAR-10 images, 3 epochs, batch 128, 186 steps) BRN reached
+    14% test accuracy with 5% / alpha=0.01 against BN's 53%, and 47% with a 20% warm period and
+    alpha = 0.1 (torch's BN default, time constant 10 steps), the defaults here.
     Steps are counted in the buffer ``num_steps`` (one per training forward), so the schedule
     survives state_dict save/load. The limits are computed on-device (no sync). With ``sync=True``
     in a data-parallel run mu_B and sigma_B are the statistics of every rank's batch together.
@@ -418,14 +426,14 @@ class BatchRenorm(_BatchStatNorm):
         self,
         num_features: int,
         *,
-        momentum: float = 0.01,
+        momentum: float = 0.1,
         eps: float = 1e-5,
         affine: bool = True,
         r_max: float = 3.0,
         d_max: float = 5.0,
         relax_unit: str = "fraction",
-        relax_start: float = 0.05,
-        r_relax: float = 0.35,
+        relax_start: float = 0.2,
+        r_relax: float = 0.4,
         d_relax: float = 0.2,
         virtual_batch: int | None = None,
         precise_stats: int = 0,
