@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from normbench.collect import BATCH_STAT_SETTINGS
 from normbench.table import norm_order, setting_keys, sort_table, table_setting_columns
 
 # One colour and marker per norm, picked by the norm's index in the registry (so `gn` looks the
@@ -118,7 +119,7 @@ def _finish(fig, axes, title: str, protocol: str) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small",
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize="small",
                    frameon=False)
     width_chars = int((fig.get_figwidth() - LEGEND_WIDTH) * 14)
     protocol_text = textwrap.fill(f"Protocol: {protocol}", width=max(width_chars, 60))
@@ -183,12 +184,48 @@ def _matches(column: pd.Series, value) -> np.ndarray:
 # Figures
 # --------------------------------------------------------------------------------------------
 
+def _spread_batch_independent(lines: list[tuple]) -> list[tuple]:
+    """In an emulated per-device sweep (virtual batches at one SGD batch), a batch-independent norm
+    is one run whose error holds at every per-device batch: draw it as a flat line across them, as
+    the Group Norm paper's Figure 1 does, instead of one point at the SGD batch."""
+    virtual = [(secondary, line) for secondary, _, _, line in lines if secondary[2] is not None]
+    if not virtual:
+        return lines
+    sgd_batches = {secondary[2] for secondary, _ in virtual}
+    per_device = sorted({x for _, line in virtual for x in line["x"]})
+    spread = []
+    for secondary, norm, label, line in lines:
+        if line["norm_batch"].isna().all() and len(line) == 1 and int(line["batch_size"].iloc[0]) in sgd_batches:
+            line = line.loc[line.index.repeat(len(per_device))].assign(x=per_device)
+            label = label.replace("[batch-independent]", "[batch-independent: one run]")
+        spread.append((secondary, norm, label, line))
+    return spread
+
+
+def _share_batch_independent(rows: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
+    """A batch-independent norm's run has no value for the settings of batch-dependent norms
+    (eval_stats, ...): draw it in every panel of those settings, as the reference it is."""
+    for key in (k for k in settings if k in BATCH_STAT_SETTINGS):
+        values = [v for v in dict.fromkeys(rows[key]) if not _is_na(v)]
+        if not values:
+            continue
+        missing = rows[key].map(_is_na)
+        copies = [rows[missing].assign(**{key: value}) for value in values]
+        rows = pd.concat([rows[~missing], *copies], ignore_index=True)
+    return rows
+
+
+def _is_na(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value == "-"
+
+
 def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
     """Test error vs normalization batch (log2), one line per norm, one panel per model and
     differing setting."""
     rows, lr_note = _one_lr_per_setting(table)
     rows = rows[rows["n_completed"] > 0].copy()
     settings = table_setting_columns(table)
+    rows = _share_batch_independent(rows, settings)
     order = norm_order()
     rows["x"] = rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
     rows["error"] = 100.0 - rows["test_acc_mean"]
@@ -214,9 +251,11 @@ def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
                 label += " [batch-independent]"
             secondary = (norm != norm.split("-")[0], placement, sgd_batch, int(devices))
             lines.append((secondary, norm, label, line.sort_values("x")))
+        lines = _spread_batch_independent(lines)
         panel_row = dict(zip(panel_keys, panel_key))
         title = ", ".join(filter(None, [panel_row["model"], _setting_text(panel_row, settings)]))
-        panels.append((title, panel["x"].unique(), lines))
+        batches = sorted({x for *_, line in lines for x in line["x"]})
+        panels.append((title, batches, lines))
     styles = _secondary_styles([line[0] for _, _, lines in panels for line in lines])
 
     fig, axes = _new_figure(max(len(panels), 1))
@@ -306,6 +345,51 @@ def _panel_order(panel_keys: list[tuple]) -> list[tuple]:
     group_order = list(dict.fromkeys(p[:-2] for p in distinct))
     return sorted(distinct, key=lambda p: (group_order.index(p[:-2]), -p[-2], p[-1]))
 
+# The three errors of issue 12: (key of the table's mean, label, colour, marker, line style).
+GAP_LINES = [
+    ("gap_train_batchstats_acc_mean", "(1) train error, mini-batch statistics", "#1b9e77", "o", "-"),
+    ("gap_test_batchstats_acc_mean", "(2) test error, mini-batch statistics", "#d95f02", "s", "--"),
+    ("gap_test_popstats_acc_mean", "(3) test error, population statistics", "#7570b3", "^", "-"),
+]
+
+
+def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
+    """Training vs inference statistics, in the Batch Renorm / FrozenBN papers' style: error vs
+    normalization batch (log2), one line per error type (train with mini-batch statistics, test with
+    mini-batch statistics, test with population statistics), one panel per norm (and model and
+    differing setting). A batch-independent norm's (2) and (3) coincide; it is drawn flat across the
+    normalization batches of the panels' sweep, as in error_vs_batch."""
+    rows, lr_note = _one_lr_per_setting(table)
+    rows = rows[rows["n_completed"] > 0].copy()
+    settings = table_setting_columns(table)
+    present = [line for line in GAP_LINES if line[0] in rows.columns and rows[line[0]].notna().any()]
+    rows["x"] = rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
+    seeds_text, _ = seeds_phrase(rows["n_completed"])
+    virtual = rows[rows["virtual_batch"].notna()]
+    per_device = sorted(set(virtual["x"])) if len(virtual) else []
+    panel_keys = ["model", *settings, "placement", "norm", "devices"]
+    panels = []
+    for key, panel in (sort_table(rows, settings).groupby(panel_keys, dropna=False, sort=False) if len(rows) else []):
+        panel = panel.sort_values("x")
+        independent = panel["norm_batch"].isna().all()
+        if independent and per_device and len(panel) == 1:  # one run, drawn at every normalization batch
+            panel = panel.loc[panel.index.repeat(len(per_device))].assign(x=per_device)
+        row = dict(zip(panel_keys, key))
+        title = ", ".join(filter(None, [row["norm"] + (" [batch-independent]" if independent else ""),
+                                        row["model"], _setting_text(row, settings)]))
+        panels.append((title, panel))
+    fig, axes = _new_figure(max(len(panels), 1))
+    if not panels or not present:
+        _style_axes(axes[0], "(no run with the three errors)", BATCH_XLABEL, "error (%)")
+    for ax, (title, panel) in zip(axes, panels if present else []):
+        for offset, (key, label, color, marker, style) in zip(_offsets(len(present), 0.06, 0.2), present):
+            x = panel["x"] * 2.0 ** offset
+            ax.plot(x, 100.0 - panel[key], color=color, marker=marker, linestyle=style, label=label)
+        _style_axes(ax, title, BATCH_XLABEL, "error (%)", batches=sorted(set(panel["x"])))
+    title = f"Training vs inference statistics: three errors vs normalization batch ({seeds_text})"
+    _finish(fig, axes, title + (f"; {lr_note}" if lr_note else ""), protocol)
+    return fig
+
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -318,6 +402,10 @@ FIGURES: dict[str, FigureSpec] = {
     "error_vs_batch": FigureSpec(
         "error_vs_batch.png", plot_error_vs_batch,
         "test error vs normalization batch (log2), one line per norm, one panel per model and experiment"),
+    "train_eval_gap": FigureSpec(
+        "train_eval_gap.png", plot_train_eval_gap,
+        "train error with mini-batch statistics, test error with mini-batch and with population statistics vs "
+        "normalization batch (log2), one line per error, one panel per norm"),
     "curves_test_acc": FigureSpec(
         "curves_test_acc.png", partial(plot_curves, metric="test_acc", ylabel="test accuracy (%)"),
         "test accuracy per epoch, one line per norm, one panel per SGD batch and experiment"),

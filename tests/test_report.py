@@ -634,3 +634,17 @@ def test_report_of_two_real_sweeps_that_differ_in_data_subset(tiny_data, tmp_pat
     assert "Protocol: cnn; 1 epoch; 100 or 160 training images; lr = base × batch/128" in markdown
     for figure in FIGURE_FILES:
         assert_valid_png(out_dir / figure)
+
+
+def test_batch_independent_norms_are_flat_lines_in_an_emulated_per_device_sweep(tmp_path):
+    """GN ignores the virtual batch: in a virtual-batch sweep its one run is drawn at every per-device
+    batch (a flat line, as in the Group Norm paper's Figure 1), not as one point at the SGD batch."""
+    root = tmp_path / "runs"
+    for norm, vb, acc in (("bn", 32, 60.0), ("bn", 2, 40.0), ("gn", None, 50.0)):
+        make_run(root, norm=norm, batch_size=128, virtual_batch=vb, test_accs=[acc])
+    fig = draw("error_vs_batch", [root])
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    gn = next(line for label, line in lines.items() if label.startswith("gn"))
+    assert len(gn.get_xdata()) == 2 and set(gn.get_ydata()) == {50.0}
+    bn = next(line for label, line in lines.items() if label.startswith("bn"))
+    assert sorted(bn.get_ydata()) == [40.0, 60.0]
