@@ -29,7 +29,7 @@ UNKNOWN = "?"
 RUN_COLUMNS = ["path", *(field for field in summary.FIELDS if field != "config"), "setting"]
 NUMERIC_COLUMNS = [
     "lr", "lr_effective", "test_acc", "best_test_acc", "test_loss", "train_loss", "train_acc",
-    "val_acc", "best_val_acc", "wall_time_s", "seconds_per_epoch", "images_per_s",
+    "val_acc", "best_val_acc", "wall_time_s", "seconds_per_epoch", "images_per_s", *summary.GAP_FIELDS,
 ]
 INTEGER_COLUMNS = [
     "batch_size", "devices", "virtual_batch", "norm_batch", "seed", "epochs", "epochs_done",
@@ -43,6 +43,9 @@ REQUIRED_METRICS_COLUMNS = ("epoch", "test_acc", "train_loss")
 AXIS_SETTINGS = {"model.name", "model.placement", "norm.name", "norm.virtual_batch", "batch_size", "lr",
                  "devices"}
 LABELLED_PREFIXES = ("model.", "norm.")
+# Settings of batch-dependent norms only: a batch-independent norm's config records them as null
+# (identity.run_config), which matches every value (its run is the reference for each of them).
+BATCH_STAT_SETTINGS = {"eval_stats", "precise_batches", "freeze_stats_epochs"}
 # Without a config, these settings are known from the summary's identity fields.
 IDENTITY_SETTINGS = {"model.name": "model", "model.placement": "placement", "batch_size": "batch_size",
                      "lr": "lr", "devices": "devices", "norm.virtual_batch": "virtual_batch", "epochs": "epochs"}
@@ -192,7 +195,8 @@ def setting_columns(runs: pd.DataFrame) -> list[str]:
         # A run without a recorded config knows only its identity settings. A key missing from
         # a recorded config counts as null (a newer option, off in older runs).
         known = {json.dumps(setting.get(key), default=str) for setting in settings
-                 if not (setting.get("config") == UNKNOWN and key not in setting)}
+                 if not (setting.get("config") == UNKNOWN and key not in setting)
+                 and not (key in BATCH_STAT_SETTINGS and setting.get(key) is None)}
         if len(known) <= 1:
             continue
         if key.startswith(LABELLED_PREFIXES) and _follows_from_labels(runs, settings, key):

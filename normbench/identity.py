@@ -86,7 +86,8 @@ def effective_virtual_batch(cfg: DictConfig) -> int | None:
     return vb if vb is not None and uses_batch_stats(cfg.norm) else None
 
 
-def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None) -> str:
+def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None, eval_stats="ema",
+             freeze_stats_epochs=0) -> str:
     """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0.
 
     Model options that differ from their defaults join the model's part (cnn-placementafter);
@@ -94,9 +95,15 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     virtual batch joins the batch part (bs128-vb8) for batch-dependent norms only, so the
     duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
     (free text) separates runs that differ in anything else. A data-parallel run's batch part
-    also names its devices (bs64x2dev: 64 per device on 2)."""
+    also names its devices (bs64x2dev: 64 per device on 2). A batch-dependent norm's eval_stats other
+    than ema and its FrozenBN tail join the batch part too (bs128-vb8-evalprecise-freeze2)."""
     vb = norm.get("virtual_batch")
-    vb_part = f"-vb{vb}" if vb is not None and uses_batch_stats(norm) else ""
+    batch_dependent = uses_batch_stats(norm)
+    vb_part = f"-vb{vb}" if vb is not None and batch_dependent else ""
+    if batch_dependent and eval_stats not in (None, "ema"):
+        vb_part += f"-eval{eval_stats}"
+    if batch_dependent and freeze_stats_epochs:
+        vb_part += f"-freeze{freeze_stats_epochs}"
     devices_part = f"x{world_size()}dev" if world_size() > 1 else ""  # batch_size is per device
     variant_part = f"/{variant}" if variant else ""
     return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{variant_part}"
@@ -108,6 +115,10 @@ def run_config(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     config["norm"]["virtual_batch"] = effective_virtual_batch(cfg)
+    if not uses_batch_stats(cfg.norm):  # batch-independent norms ignore these, like the virtual batch
+        for key in ("eval_stats", "precise_batches", "freeze_stats_epochs"):
+            if key in config:
+                config[key] = None
     config["devices"] = world_size()
     return config
 

@@ -25,11 +25,17 @@ FINISHED = (COMPLETED, DIVERGED)
 # Which run this is (identity.run_identity); the report keys its rows on these.
 IDENTITY_FIELDS = ("run_name", "model", "norm", "norm_label", "placement", "batch_size", "devices", "virtual_batch",
                    "norm_batch", "lr", "lr_effective", "seed", "epochs")
+# Training vs inference statistics at the last evaluation (accuracy, %): (1) the training slice with
+# mini-batch statistics, (2) the test set with mini-batch statistics, (3) the test set with population
+# statistics (the run's eval_stats; batch: the running estimates), and the test set with the running
+# estimates (ema) and PreciseBN's statistics (precise) where measured. Batch-independent norms: (2) = (3).
+GAP_FIELDS = ("gap_train_batchstats_acc", "gap_test_batchstats_acc", "gap_test_popstats_acc", "gap_test_ema_acc",
+              "gap_test_precise_acc")
 # What happened (None where the run has no value).
 RESULT_FIELDS = ("status", "reason", "epochs_done", "steps_done", "test_acc", "best_test_acc", "test_loss",
                  "train_loss", "train_acc", "val_acc", "best_val_acc", "wall_time_s", "seconds_per_epoch",
                  "images_per_s", "diverged_step", "train_size", "test_size", "val_size", "device", "fingerprint",
-                 "finished_at", "config")
+                 "finished_at", "config", *GAP_FIELDS)
 FIELDS = IDENTITY_FIELDS + RESULT_FIELDS
 # Without these a summary cannot be placed in a table.
 REQUIRED_FIELDS = ("status", "model", "norm", "batch_size", "norm_batch", "lr", "seed", "test_acc")

@@ -108,6 +108,7 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
         "epochs_to_target_n": len(reached),
         "seconds_per_epoch_mean": completed["seconds_per_epoch"].mean(),
         "images_per_s_mean": completed["images_per_s"].mean(),
+        **{f"{key}_mean": completed[key].mean() for key in summary.GAP_FIELDS},
         "n_completed": n,
         "n_failed": int((runs["status"] == summary.FAILED).sum()),
         "n_diverged": int((runs["status"] == summary.DIVERGED).sum()),
@@ -340,6 +341,9 @@ def format_table(table: pd.DataFrame, target_acc: float = 80.0) -> pd.DataFrame:
     columns[f"epochs to {target_acc:g}%"] = [
         _fmt_epochs(r.epochs_to_target_mean, r.epochs_to_target_n, r.n_completed) for r in rows
     ]
+    for key, name in GAP_COLUMNS.items():  # training vs inference statistics (issue 12), as errors
+        if f"{key}_mean" in table.columns:
+            columns[name] = [_fmt(100.0 - v) for v in table[f"{key}_mean"]]
     columns["s/epoch"] = [_fmt(v, 1) for v in table["seconds_per_epoch_mean"]]
     columns["images/s"] = [_fmt(v, 0) for v in table["images_per_s_mean"]]
     columns["seeds"] = [str(n) for n in table["n_completed"]]
@@ -389,7 +393,18 @@ def table_notes(table: pd.DataFrame, protocol: str | None = None) -> list[str]:
     return notes
 
 
+# The three errors of the last evaluation (100 - accuracy), and the test error with each kind of
+# population statistics where a run measured it.
+GAP_COLUMNS = {
+    "gap_train_batchstats_acc": "train err (batch stats)",
+    "gap_test_batchstats_acc": "test err (batch stats)",
+    "gap_test_popstats_acc": "test err (pop. stats)",
+    "gap_test_ema_acc": "test err (ema)",
+    "gap_test_precise_acc": "test err (precise)",
+}
+
 _NUMERIC_DISPLAY_COLUMNS = {
+    *GAP_COLUMNS.values(),
     "batch", "devices", "global batch", "norm batch", "lr", "lr (selected)", "base lr", "val acc",
     "test acc", "95% CI ±", "best test acc", "final train loss", "s/epoch", "images/s", "seeds",
     "failed", "diverged",

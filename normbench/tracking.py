@@ -16,7 +16,7 @@ from normbench import atomic, summary as run_summary
 from normbench.distributed import rank
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
-                  "lr", "seconds"]
+                  "lr", "seconds", *run_summary.GAP_FIELDS]
 # Scalars shown as metrics in TensorBoard's HPARAMS tab (their last value per run).
 HPARAM_METRICS = ["test/acc", "test/loss", "train/loss", "train/acc", "summary/best_test_acc"]
 

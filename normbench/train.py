@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import random
 import time
@@ -126,19 +127,40 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 
 @torch.no_grad()
-def evaluate(model, batches: data.Batches, autocast) -> tuple[float, float]:
-    """Mean loss and accuracy (%) over a whole split, in eval mode; one host sync."""
-    model.eval()
+def evaluate(model, batches: data.Batches, autocast, batch_stats: int | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy (%) over a whole split (this rank's shard, reduced over the ranks);
+    one host sync. In eval mode, or with ``batch_stats=k``: with mini-batch statistics, every
+    batch-statistics layer normalizing each consecutive group of k images (the split in its fixed
+    order) with that group's statistics, running statistics untouched (``norms.batch_stats_mode``);
+    the last len % k images, too few for a group, are left out."""
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
-    for x, y in batches.epoch():
-        with autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = torch.tensor(float(len(batches.split)), device=batches.device)  # this rank's shard
-    loss_sum, correct, n = reduce_over_ranks(loss_sum, correct, n)
+    seen = torch.zeros((), device=batches.device, dtype=torch.long)
+    mode = norms.batch_stats_mode(model, batch_stats) if batch_stats else contextlib.nullcontext()
+    model.eval()
+    with mode:
+        for x, y in batches.epoch():
+            if batch_stats:
+                keep = len(y) - len(y) % batch_stats
+                if keep == 0:
+                    continue
+                x, y = x[:keep], y[:keep]
+            with autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+    loss_sum, correct, n = reduce_over_ranks(loss_sum, correct, seen.double())
+    if n.item() == 0:
+        return math.nan, math.nan
     return loss_sum.item() / n.item(), 100.0 * correct.item() / n.item()
+
+
+def eval_batches_for(split: data.Split, batch_size: int, group: int | None, device, **shard) -> data.Batches:
+    """Evaluation batches; for mini-batch statistics a whole number of groups of ``group`` images each."""
+    if group:
+        batch_size = group * max(1, batch_size // group)
+    return data.Batches(split, batch_size, device, train=False, **shard)
 
 
 # --------------------------------------------------------------------------- the run's state
@@ -206,6 +228,22 @@ class Run:
         shard = {"rank": self.rank, "world_size": self.world}  # each rank evaluates its shard
         self.test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False, **shard)
         self.val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False, **shard) if ds.val else None
+        # Training vs inference statistics (issue 12): batch-dependent norms only; their normalization batch.
+        self.batch_dependent = identity.uses_batch_stats(cfg.norm)
+        self.eval_stats = cfg.eval_stats if self.batch_dependent else "ema"
+        self.stat_group = identity.run_identity(cfg)["norm_batch"] if self.batch_dependent else None
+        eval_bs = cfg.data.eval_batch_size
+        if self.batch_dependent:
+            self.test_group_batches = eval_batches_for(ds.test, eval_bs, self.stat_group, device, **shard)
+            self.val_group_batches = eval_batches_for(ds.val, eval_bs, self.stat_group, device, **shard) if ds.val else None
+        n_slice = min(int(cfg.gap_train_images or 0), len(ds.train))
+        self.train_slice_batches = None
+        if n_slice:  # fixed (seeded apart from the run's data order), class-balanced, no augmentation
+            train_slice = ds.train
+            if n_slice < len(ds.train):
+                idx = data.balanced_indices(ds.train.y.cpu(), n_slice, torch.Generator().manual_seed(20_000 + cfg.seed))
+                train_slice = ds.train.take(idx.to(ds.train.y.device))
+            self.train_slice_batches = eval_batches_for(train_slice, eval_bs, self.stat_group, device, **shard)
         self.steps_per_epoch = len(self.train_batches)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -328,6 +366,8 @@ class Run:
         """Train to the end of the current epoch; returns the first step with a non-finite loss, if any."""
         s, acc, model, recorder = self.state, self.state.acc, self.model, self.recorder
         model.train()
+        if self.frozen_epoch(s.epoch):  # FrozenBN tail: population statistics, not updated
+            norms.freeze_batch_stats(model)
         self._sync()
         t_epoch = time.perf_counter()
         for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch):
@@ -394,23 +434,59 @@ class Run:
             torch.cuda.synchronize()
 
     # -- the end of an epoch -------------------------------------------------------------
+    def frozen_epoch(self, epoch: int) -> bool:
+        """Whether epoch (0-based) is in the FrozenBN tail (the last freeze_stats_epochs epochs)."""
+        k = int(self.cfg.freeze_stats_epochs or 0) if self.batch_dependent else 0
+        return k > 0 and epoch >= self.cfg.epochs - k
+
+    def precise_bn(self) -> None:
+        """PreciseBN on batches of their own (seeded apart, so the run's data order is not disturbed),
+        running through as many of their epochs as precise_batches needs."""
+        extra = self.train_batches_from(self.cfg.seed + 104729)
+        n = int(self.cfg.precise_batches)
+        stream = (x for e in itertools.count(self.state.epoch) for x, _ in extra.epoch(e))
+        norms.precise_bn_update(self.model, stream, n)
+
     def end_epoch(self) -> None:
-        """Evaluate (after PreciseBN, if asked), log the epoch's row and scalars, checkpoint."""
+        """Evaluate (after PreciseBN, if asked), measure the train/inference statistics gap, log the
+        epoch's row and scalars, checkpoint."""
         cfg, s, acc, recorder = self.cfg, self.state, self.state.acc, self.recorder
-        precise_n = norms.precise_bn_batches(self.model)
-        if precise_n:  # batches of their own, so the run's data order is not disturbed
-            extra = self.train_batches_from(cfg.seed + 104729)
-            norms.precise_bn_update(self.model, (x for x, _ in _take(extra.epoch(s.epoch), precise_n)))
+        gap = dict.fromkeys(summary.GAP_FIELDS)
+        frozen = self.frozen_epoch(s.epoch)  # the epoch just trained: its population statistics stay as they are
+        if self.eval_stats == "precise" and not frozen:
+            with self.rank0_buffers():  # the running estimates (ema), before PreciseBN replaces them
+                gap["gap_test_ema_acc"] = evaluate(self.model, self.test_batches, self.autocast)[1]
+            self.precise_bn()
+        group = self.stat_group if self.eval_stats == "batch" else None
         with self.rank0_buffers():
-            test_loss, test_acc = evaluate(self.model, self.test_batches, self.autocast)
-            val_loss, val_acc = evaluate(self.model, self.val_batches, self.autocast) if self.val_batches else (None, None)
+            test_loss, test_acc = evaluate(self.model, self.test_group_batches if group else self.test_batches,
+                                           self.autocast, group)
+            val_loss, val_acc = (None, None)
+            if self.val_batches:
+                val_loss, val_acc = evaluate(self.model, self.val_group_batches if group else self.val_batches,
+                                             self.autocast, group)
+            if self.batch_dependent:
+                if self.eval_stats == "batch":
+                    gap["gap_test_batchstats_acc"] = test_acc
+                    gap["gap_test_popstats_acc"] = gap["gap_test_ema_acc"] = evaluate(
+                        self.model, self.test_batches, self.autocast)[1]
+                else:
+                    gap["gap_test_popstats_acc"] = test_acc
+                    gap[f"gap_test_{self.eval_stats}_acc"] = test_acc
+                    gap["gap_test_batchstats_acc"] = evaluate(self.model, self.test_group_batches, self.autocast,
+                                                              self.stat_group)[1]
+            else:  # batch-independent: the same statistics either way
+                gap["gap_test_batchstats_acc"] = gap["gap_test_popstats_acc"] = test_acc
+            if self.train_slice_batches is not None:
+                gap["gap_train_batchstats_acc"] = evaluate(self.model, self.train_slice_batches, self.autocast,
+                                                           self.stat_group)[1]
         s.epoch += 1
         loss_sum, correct, seen = reduce_over_ranks(acc["loss_sum"], acc["correct"], acc["seen"])
         seen = seen.item()
         row = {"epoch": s.epoch, "step": s.step, "train_loss": loss_sum.item() / seen,
                "train_acc": 100.0 * correct.item() / seen, "test_loss": test_loss, "test_acc": test_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-               "seconds": round(self.epoch_seconds, 3)}
+               "seconds": round(self.epoch_seconds, 3), **gap}
         s.train_s += self.epoch_seconds
         s.best_test_acc = max(s.best_test_acc if s.best_test_acc is not None else -1.0, test_acc)
         if val_acc is not None:
@@ -420,6 +496,9 @@ class Run:
                          ("test/acc", "test_acc"), ("val/loss", "val_loss"), ("val/acc", "val_acc")):
             if row[key] is not None:
                 recorder.scalar(tag, row[key], x_axis)
+        for key, value in gap.items():
+            if value is not None and math.isfinite(value):
+                recorder.scalar(key.replace("gap_", "gap/", 1), value, x_axis)
         recorder.scalar("perf/images_per_s", self.steps_per_epoch * self.global_batch / self.epoch_seconds, x_axis)
         recorder.scalar("perf/seconds_per_epoch", self.epoch_seconds, x_axis)
         recorder.epoch_row(row)
@@ -470,6 +549,7 @@ class Run:
             wall_time_s=round(s.elapsed_s + time.perf_counter() - self.t_start, 3),
             seconds_per_epoch=round(s.train_s / len(s.rows), 3) if s.rows else None,
             images_per_s=round(images / s.train_s, 1) if s.train_s > 0 and images else None,
+            **{key: last.get(key) for key in summary.GAP_FIELDS},
             diverged_step=diverged_step, train_size=len(self.ds.train), test_size=len(self.ds.test),
             val_size=len(self.ds.val) if self.ds.val else 0, device=str(self.device), fingerprint=self.fingerprint,
             config=self.config)
@@ -504,9 +584,3 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
             bar.close()
         run.recorder.close()
 
-
-def _take(iterator, n):
-    for i, item in enumerate(iterator):
-        if i >= n:
-            return
-        yield item

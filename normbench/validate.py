@@ -147,6 +147,12 @@ def check_config(cfg) -> None:
     check_virtual_batch(cfg.norm.get("virtual_batch"), batch_size)
     check_nonnegative_int("seed", cfg.seed)
     check_positive_int("log_every", cfg.log_every)
+    check_choice("eval_stats", cfg.eval_stats, ("ema", "precise", "batch"))
+    check_positive_int("precise_batches", cfg.precise_batches)
+    check_nonnegative_int("gap_train_images", cfg.gap_train_images)
+    if check_nonnegative_int("freeze_stats_epochs", cfg.freeze_stats_epochs) > cfg.epochs:
+        raise UserError(f"freeze_stats_epochs={cfg.freeze_stats_epochs} is more than epochs={cfg.epochs}; "
+                        "use at most the run's epochs")
     for key in ("stat_gap_every", "ckpt_every"):
         check_nonnegative_int(key, cfg[key] or 0)
     if cfg.threads is not None:

@@ -113,9 +113,9 @@ def _layer_worker(rank: int, store_file: str, world: int = 2) -> None:
                     # Without sync each rank normalizes its own half: not the whole batch's BN.
                     assert same == sync, (name, step, sync)
         # PreciseBN: the population statistics of every rank's batches.
-        precise = {sync: build_norm("bn", channels, sync=sync, precise_stats=1) for sync in (True, False)}
-        precise_bn_update(precise[True], [x_all[mine]])
-        precise_bn_update(precise[False], [x_all])
+        precise = {sync: build_norm("bn", channels, sync=sync) for sync in (True, False)}
+        precise_bn_update(precise[True], [x_all[mine]], 1)
+        precise_bn_update(precise[False], [x_all], 1)
         torch.testing.assert_close(precise[True].running_mean, precise[False].running_mean)
         torch.testing.assert_close(precise[True].running_var, precise[False].running_var)
         # With a virtual batch each group keeps its own statistics: sync changes nothing.

@@ -25,7 +25,6 @@ from normbench.norms import (
     is_batch_dependent,
     list_norms,
     norm_layer_factory,
-    precise_bn_batches,
     precise_bn_update,
     print_norms,
     recording_batch_stats,
@@ -343,7 +342,7 @@ def test_bn_virtual_batch_equals_separate_groups():
 def test_precise_bn_gives_population_stats(virtual_batch):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, bias=False)
-    bn = build_norm("bn", 4, precise_stats=5, virtual_batch=virtual_batch, momentum=0.1)
+    bn = build_norm("bn", 4, virtual_batch=virtual_batch, momentum=0.1)
     model = nn.Sequential(conv, bn)
     # stale running stats from differently distributed data
     model.train()
@@ -356,9 +355,8 @@ def test_precise_bn_gives_population_stats(virtual_batch):
     before = (bn.running_mean - pop_mean).abs().max()
     w0 = conv.weight.clone()
     model.eval()
-    assert precise_bn_batches(model) == 5
     it = iter(batches)
-    precise_bn_update(model, it)
+    precise_bn_update(model, it, 5)
     assert len(list(it)) == 2  # used exactly 5 batches
     assert not model.training and not bn.training
     assert torch.equal(conv.weight, w0)
@@ -367,12 +365,12 @@ def test_precise_bn_gives_population_stats(virtual_batch):
     torch.testing.assert_close(bn.running_var, pop_var, atol=1e-4, rtol=1e-4)
 
 
-def test_precise_bn_noop_without_request():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), build_norm("bn", 4))
-    assert precise_bn_batches(model) == 0
+@pytest.mark.parametrize("norm, num_batches", [("bn", 0), ("gn", 3)])
+def test_precise_bn_noop_without_request(norm, num_batches):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), build_norm(norm, 4, **({"groups": 2} if norm == "gn" else {})))
     sd = copy.deepcopy(model.state_dict())
     it = iter([torch.randn(2, 3, 5, 5) for _ in range(3)])
-    precise_bn_update(model, it)
+    precise_bn_update(model, it, num_batches)
     assert len(list(it)) == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k])

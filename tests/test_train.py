@@ -175,7 +175,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     ["sched=onecycle"],
-    ["norm=bn", "norm.precise_stats=2"],
+    ["norm=bn", "eval_stats=precise", "precise_batches=2"],
     ["norm=bn", "norm.virtual_batch=2"],
     ["norm=brn", "norm.relax_unit=steps", "norm.relax_start=2", "norm.r_relax=5", "norm.d_relax=5"],
     ["norm=wn", "norm.init=data", "norm.exp_g=true"],
@@ -230,11 +230,11 @@ def test_effective_lr_in_summary_and_hparams(make_cfg, tmp_path):
 
 
 def test_precise_bn_sets_population_statistics_before_eval(make_cfg, tmp_path):
-    """With precise_stats the eval statistics of the first BN layer are those of the training data."""
+    """With eval_stats=precise the eval statistics of the first BN layer are those of the training data."""
     from normbench.norms.activation import BatchNorm
     from normbench.train import make_model
 
-    cfg = make_cfg("norm=bn", "norm.precise_stats=4", "norm.momentum=0.0001")
+    cfg = make_cfg("norm=bn", "eval_stats=precise", "precise_batches=4", "norm.momentum=0.0001")
     run_job(cfg)
     state = torch.load(tmp_path / "runs" / cfg.run_name / "checkpoint.pt", weights_only=True)
     model = make_model(cfg)

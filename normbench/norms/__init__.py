@@ -7,7 +7,9 @@ norms (wn, sn, gn_ws) also reparametrize the weights (``apply_weight_reparam``).
 from normbench.norms.activation import (
     NormConfigError,
     batch_stat_gaps,
-    precise_bn_batches,
+    batch_stats_mode,
+    freeze_batch_stats,
+    has_batch_stats,
     precise_bn_update,
     recording_batch_stats,
     schedule_scalars,
@@ -39,7 +41,9 @@ __all__ = [
     "set_training_length",
     "schedule_scalars",
     "precise_bn_update",
-    "precise_bn_batches",
+    "batch_stats_mode",
+    "freeze_batch_stats",
+    "has_batch_stats",
     "recording_batch_stats",
     "batch_stat_gaps",
 ]

@@ -14,8 +14,10 @@ the plain layer:
   every rank's batch together (SyncBN); the identity in a single process;
 * stat recording (``recording_batch_stats`` / ``batch_stat_gaps``): the gap between the batch
   statistics a layer used in training and the running statistics it would use in eval;
-* PreciseBN (``precise_stats=N`` / ``precise_bn_update``): re-estimate the running statistics
-  as the population statistics of N training batches before evaluation.
+* PreciseBN (``precise_bn_update``, the trainer's ``eval_stats=precise``): re-estimate the running
+  statistics as the population statistics of N training batches before evaluation;
+* mini-batch-statistics evaluation (``batch_stats_mode``) and the FrozenBN tail
+  (``freeze_batch_stats``), the trainer's ``eval_stats=batch`` and ``freeze_stats_epochs``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ __all__ = [
     "set_training_length",
     "schedule_scalars",
     "precise_bn_update",
-    "precise_bn_batches",
+    "batch_stats_mode",
+    "freeze_batch_stats",
+    "has_batch_stats",
     "recording_batch_stats",
     "batch_stat_gaps",
 ]
@@ -173,7 +177,6 @@ class _BatchStatNorm(nn.Module):
         momentum: float,
         eps: float,
         virtual_batch: int | None,
-        precise_stats: int = 0,
         sync: bool = False,
         track_var: bool = True,
     ):
@@ -182,7 +185,6 @@ class _BatchStatNorm(nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.virtual_batch = virtual_batch
-        self.precise_stats = int(precise_stats)
         self.sync = bool(sync)
         self.register_buffer("running_mean", torch.zeros(num_features))
         if track_var:
@@ -200,7 +202,7 @@ class _BatchStatNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"virtual_batch={self.virtual_batch}, precise_stats={self.precise_stats}, sync={self.sync}"
+            f"virtual_batch={self.virtual_batch}, sync={self.sync}"
         )
 
     # -- helpers -----------------------------------------------------------------------------
@@ -331,13 +333,9 @@ class BatchNorm(_BatchStatNorm):
         eps: float = 1e-5,
         affine: bool = True,
         virtual_batch: int | None = None,
-        precise_stats: int = 0,
         sync: bool = False,
     ):
-        super().__init__(
-            num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats,
-            sync=sync,
-        )
+        super().__init__(num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, sync=sync)
         _init_affine(self, num_features, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -436,13 +434,9 @@ class BatchRenorm(_BatchStatNorm):
         r_relax: float = 0.4,
         d_relax: float = 0.2,
         virtual_batch: int | None = None,
-        precise_stats: int = 0,
         sync: bool = False,
     ):
-        super().__init__(
-            num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, precise_stats=precise_stats,
-            sync=sync,
-        )
+        super().__init__(num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, sync=sync)
         lengths = {"relax_start": relax_start, "r_relax": r_relax, "d_relax": d_relax}
         for key, value in lengths.items():
             if relax_unit == "fraction" and not 0.0 <= value <= 1.0:
@@ -678,9 +672,9 @@ def _batch_stat_modules(model: nn.Module) -> list[_BatchStatNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchStatNorm)]
 
 
-def precise_bn_batches(model: nn.Module) -> int:
-    """How many training batches ``precise_bn_update`` wants (max ``precise_stats``; 0 = none)."""
-    return max((m.precise_stats for m in _batch_stat_modules(model)), default=0)
+def has_batch_stats(model: nn.Module) -> bool:
+    """Whether the model has layers that normalize with batch statistics in training."""
+    return bool(_batch_stat_modules(model))
 
 
 def set_training_length(model: nn.Module, total_steps: int) -> nn.Module:
@@ -707,46 +701,77 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def precise_bn_update(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """PreciseBN: set running stats of layers with ``precise_stats=N>0`` to population statistics.
+def precise_bn_update(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: int) -> nn.Module:
+    """PreciseBN: set the running stats of every batch-statistics layer to population statistics.
 
     Runs the model in training mode (so each layer sees the activations it sees in training,
-    normalized with batch statistics, ghost batches included) on the first N input batches of
-    ``batches`` without gradients and without touching any running statistic or step counter;
-    then each such layer's running mean / running var become the exact mean / unbiased variance
-    of its inputs over all samples and positions of its N batches. Weights are untouched; every
-    module's train/eval flag is restored. No-op (``batches`` not consumed) if no layer asks for it.
+    normalized with batch statistics, ghost batches included) on the first ``num_batches`` input
+    batches of ``batches`` in one pass, as fvcore's ``update_bn_stats`` does, without gradients and
+    without touching any running statistic or step counter; then each layer's running mean /
+    running var become the exact mean / unbiased variance of its inputs over all samples and
+    positions of those batches. Weights are untouched; every module's train/eval flag is restored.
+    No-op (``batches`` not consumed) if the model has no such layer or ``num_batches`` is 0.
     Items of ``batches`` may be tensors or (x, ...) tuples.
     """
-    wanted = [m for m in _batch_stat_modules(model) if m.precise_stats > 0]
-    if not wanted:
+    wanted = _batch_stat_modules(model)
+    if not wanted or num_batches <= 0:
         return model
-    n_max = max(m.precise_stats for m in wanted)
-    all_bs = _batch_stat_modules(model)
     modes = [(m, m.training) for m in model.modules()]
     device = _model_device(model)
     accs = {m: [0, None, None] for m in wanted}
     try:
         model.train()
-        for m in all_bs:
+        for m in wanted:
             m._frozen = True
+            m._precise_acc = accs[m]
         with torch.no_grad():
-            for i, x in enumerate(itertools.islice(iter(batches), n_max)):
+            for x in itertools.islice(iter(batches), num_batches):
                 if isinstance(x, (tuple, list)):
                     x = x[0]
                 if device is not None:
                     x = x.to(device, non_blocking=True)
-                for m in wanted:
-                    m._precise_acc = accs[m] if i < m.precise_stats else None
                 model(x)
         for m in wanted:
             m._set_population_stats(accs[m])
     finally:
-        for m in all_bs:
+        for m in wanted:
             m._frozen = False
             m._precise_acc = None
         for m, mode in modes:
             m.training = mode
+    return model
+
+
+@contextlib.contextmanager
+def batch_stats_mode(model: nn.Module, group: int) -> Iterator[nn.Module]:
+    """Evaluation with mini-batch statistics: while active, every module is in training mode and
+    every batch-statistics layer normalizes each consecutive group of ``group`` samples of its input
+    with that group's statistics (its training-mode forward, Batch Renorm's correction included),
+    updating no running statistic or step counter and never synchronizing over ranks. The caller
+    feeds batches whose size is a multiple of ``group`` (under ``torch.no_grad``). Every module's
+    train/eval flag and every layer's virtual batch are restored on exit."""
+    mods = _batch_stat_modules(model)
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.virtual_batch) for m in mods]
+    try:
+        model.train()
+        for m in mods:
+            m._frozen = True
+            m.virtual_batch = int(group)
+        yield model
+    finally:
+        for m, vb in saved:
+            m._frozen = False
+            m.virtual_batch = vb
+        for m, mode in modes:
+            m.training = mode
+
+
+def freeze_batch_stats(model: nn.Module) -> nn.Module:
+    """FrozenBN: put every batch-statistics layer in eval mode (normalize with the running
+    statistics, update none of them), the rest of the model untouched. Call after ``model.train()``."""
+    for m in _batch_stat_modules(model):
+        m.eval()
     return model
 
 

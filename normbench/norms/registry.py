@@ -167,7 +167,6 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "exp_g": _as_bool,
     "mean_only_bn": _as_bool,
     "virtual_batch": _as_int(1),
-    "precise_stats": _as_int(0),
     "sync": _as_bool,
     "groups": _as_int(1),
     "group_size": _as_int(1),
