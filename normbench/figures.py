@@ -119,7 +119,7 @@ def _finish(fig, axes, title: str, protocol: str) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small",
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize="small",
                    frameon=False)
     width_chars = int((fig.get_figwidth() - LEGEND_WIDTH) * 14)
     protocol_text = textwrap.fill(f"Protocol: {protocol}", width=max(width_chars, 60))
@@ -184,6 +184,24 @@ def _matches(column: pd.Series, value) -> np.ndarray:
 # Figures
 # --------------------------------------------------------------------------------------------
 
+def _spread_batch_independent(lines: list[tuple]) -> list[tuple]:
+    """In an emulated per-device sweep (virtual batches at one SGD batch), a batch-independent norm
+    is one run whose error holds at every per-device batch: draw it as a flat line across them, as
+    the Group Norm paper's Figure 1 does, instead of one point at the SGD batch."""
+    virtual = [(secondary, line) for secondary, _, _, line in lines if secondary[2] is not None]
+    if not virtual:
+        return lines
+    sgd_batches = {secondary[2] for secondary, _ in virtual}
+    per_device = sorted({x for _, line in virtual for x in line["x"]})
+    spread = []
+    for secondary, norm, label, line in lines:
+        if line["norm_batch"].isna().all() and len(line) == 1 and int(line["batch_size"].iloc[0]) in sgd_batches:
+            line = line.loc[line.index.repeat(len(per_device))].assign(x=per_device)
+            label = label.replace("[batch-independent]", "[batch-independent: one run]")
+        spread.append((secondary, norm, label, line))
+    return spread
+
+
 def _share_batch_independent(rows: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
     """A batch-independent norm's run has no value for the settings of batch-dependent norms
     (eval_stats, ...): draw it in every panel of those settings, as the reference it is."""
@@ -233,9 +251,11 @@ def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
                 label += " [batch-independent]"
             secondary = (norm != norm.split("-")[0], placement, sgd_batch, int(devices))
             lines.append((secondary, norm, label, line.sort_values("x")))
+        lines = _spread_batch_independent(lines)
         panel_row = dict(zip(panel_keys, panel_key))
         title = ", ".join(filter(None, [panel_row["model"], _setting_text(panel_row, settings)]))
-        panels.append((title, panel["x"].unique(), lines))
+        batches = sorted({x for *_, line in lines for x in line["x"]})
+        panels.append((title, batches, lines))
     styles = _secondary_styles([line[0] for _, _, lines in panels for line in lines])
 
     fig, axes = _new_figure(max(len(panels), 1))
@@ -324,7 +344,6 @@ def _panel_order(panel_keys: list[tuple]) -> list[tuple]:
     distinct = list(dict.fromkeys(panel_keys))
     group_order = list(dict.fromkeys(p[:-2] for p in distinct))
     return sorted(distinct, key=lambda p: (group_order.index(p[:-2]), -p[-2], p[-1]))
-
 
 # The three errors of issue 12: (key of the table's mean, label, colour, marker, line style).
 GAP_LINES = [
