@@ -228,3 +228,28 @@ def test_sigkill_inside_frozen_tail_then_resume_is_exact(tmp_path):
         assert a[key] == b[key], key
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(read_metrics(run_dir)) == drop(read_metrics(tmp_path / "straight" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/seed0"))
+
+
+@pytest.mark.parametrize("preset", ["train_eval_gap", "train_eval_gap_cpu"])
+def test_train_eval_gap_presets_have_25_distinct_runs(preset, tiny_data, tmp_path):
+    """bn and brn at normalization batch 2..128 with ema and precise (24 runs) plus one gn run."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF_DIR, compose_cfg
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        preset_cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    params = preset_cfg.hydra.sweeper.params
+    assert params["norm.virtual_batch"] == "2,4,8,16,32,128" and params.eval_stats == "ema,precise"
+    names = set()
+    for norm, vb, stats in itertools.product(params.norm.split(","), params["norm.virtual_batch"].split(","),
+                                             params.eval_stats.split(",")):
+        cfg = compose_cfg(tiny_data, tmp_path, [f"experiment={preset}", f"norm={norm}", f"norm.virtual_batch={vb}",
+                                                f"eval_stats={stats}"])
+        names.add(cfg.run_name)
+    assert len(names) == 25

@@ -122,7 +122,7 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["quick", "gn_fig1", "gn_fig1_cpu", "small_batch", "small_batch_cpu",
-                                    "placement", "placement_cpu"])
+                                    "placement", "placement_cpu", "train_eval_gap", "train_eval_gap_cpu"])
 def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
