@@ -354,7 +354,7 @@ GAP_LINES = [
 
 
 def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
-    """Training vs inference statistics, in the Batch Renorm / FrozenBN papers' style: error vs
+    """Training vs inference statistics in the style of Wu & Johnson 2021 ("Rethinking Batch in BatchNorm"): error vs
     normalization batch (log2), one line per error type (train with mini-batch statistics, test with
     mini-batch statistics, test with population statistics), one panel per norm (and model and
     differing setting). A batch-independent norm's (2) and (3) coincide; it is drawn flat across the
