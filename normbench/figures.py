@@ -354,8 +354,8 @@ GAP_LINES = [
 
 
 def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
-    """Training vs inference statistics in the style of Wu & Johnson 2021 ("Rethinking Batch in BatchNorm"): error vs
-    normalization batch (log2), one line per error type (train with mini-batch statistics, test with
+    """Training vs inference statistics in the style of Wu & Johnson 2021 ("Rethinking 'Batch' in
+    BatchNorm"): error vs normalization batch (log2), one line per error type (train with mini-batch statistics, test with
     mini-batch statistics, test with population statistics), one panel per norm (and model and
     differing setting). A batch-independent norm's (2) and (3) coincide; it is drawn flat across the
     normalization batches of the panels' sweep, as in error_vs_batch."""
@@ -364,7 +364,7 @@ def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
     settings = table_setting_columns(table)
     present = [line for line in GAP_LINES if line[0] in rows.columns and rows[line[0]].notna().any()]
     rows["x"] = rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
-    seeds_text, _ = seeds_phrase(rows["n_completed"])
+    seeds_text, show_spread = seeds_phrase(rows["n_completed"])
     virtual = rows[rows["virtual_batch"].notna()]
     per_device = sorted(set(virtual["x"])) if len(virtual) else []
     panel_keys = ["model", *settings, "placement", "norm", "devices"]
@@ -385,6 +385,10 @@ def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
         for offset, (key, label, color, marker, style) in zip(_offsets(len(present), 0.06, 0.2), present):
             x = panel["x"] * 2.0 ** offset
             ax.plot(x, 100.0 - panel[key], color=color, marker=marker, linestyle=style, label=label)
+            spread = (panel["n_completed"] > 1) & panel[key.replace("_mean", "_std")].notna()
+            if show_spread and spread.any():
+                ax.errorbar(x[spread], 100.0 - panel[key][spread], yerr=panel[key.replace("_mean", "_std")][spread],
+                            fmt="none", ecolor=color, capsize=3, linewidth=1)
         _style_axes(ax, title, BATCH_XLABEL, "error (%)", batches=sorted(set(panel["x"])))
     title = f"Training vs inference statistics: three errors vs normalization batch ({seeds_text})"
     _finish(fig, axes, title + (f"; {lr_note}" if lr_note else ""), protocol)

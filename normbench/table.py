@@ -109,6 +109,7 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
         "seconds_per_epoch_mean": completed["seconds_per_epoch"].mean(),
         "images_per_s_mean": completed["images_per_s"].mean(),
         **{f"{key}_mean": completed[key].mean() for key in summary.GAP_FIELDS},
+        **{f"{key}_std": float(completed[key].std(ddof=1)) if n >= 2 else float("nan") for key in summary.GAP_FIELDS},
         "n_completed": n,
         "n_failed": int((runs["status"] == summary.FAILED).sum()),
         "n_diverged": int((runs["status"] == summary.DIVERGED).sum()),
