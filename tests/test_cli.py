@@ -55,6 +55,11 @@ def run(tiny_data, tmp_path):
         (["optim.lr_scaling=cubic"], ["optim.lr_scaling='cubic'", "linear, sqrt, none"]),
         (["hydra/launcher=threads"], ["unknown hydra/launcher 'threads'", "local_parallel", "slurm"]),
         (["x=["], ["cannot parse 'x=['"]),
+        (["eval_stats=running"], ["eval_stats='running'", "ema, precise, batch"]),
+        (["precise_batches=0"], ["precise_batches=0", "positive"]),
+        (["gap_train_images=-1"], ["gap_train_images=-1"]),
+        (["freeze_stats_epochs=2"], ["freeze_stats_epochs=2", "epochs=1"]),
+        (["norm.precise_stats=4"], ["unknown key 'norm.precise_stats'"]),
     ],
 )
 def test_bad_config_values(run, overrides, fragments):
