@@ -130,8 +130,8 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 def evaluate(model, batches: data.Batches, autocast, batch_stats: int | None = None) -> tuple[float, float]:
     """Mean loss and accuracy (%) over a whole split (this rank's shard, reduced over the ranks);
     one host sync. In eval mode, or with ``batch_stats=k``: with mini-batch statistics, every
-    batch-statistics layer normalizing each consecutive group of k images (the split in its fixed
-    order) with that group's statistics, running statistics untouched (``norms.batch_stats_mode``);
+    batch-statistics layer normalizing each consecutive group of k images (in the fixed random
+    order of ``eval_batches_for``) with that group's statistics, running statistics untouched (``norms.batch_stats_mode``);
     the last len % k images, too few for a group, are left out."""
     loss_sum = torch.zeros((), device=batches.device)
     correct = torch.zeros((), device=batches.device, dtype=torch.long)
@@ -157,9 +157,13 @@ def evaluate(model, batches: data.Batches, autocast, batch_stats: int | None = N
 
 
 def eval_batches_for(split: data.Split, batch_size: int, group: int | None, device, **shard) -> data.Batches:
-    """Evaluation batches; for mini-batch statistics a whole number of groups of ``group`` images each."""
+    """Evaluation batches; for mini-batch statistics a whole number of groups of ``group`` images each,
+    drawn in a fixed random order: the splits are stored sorted by class, and a group of one class
+    would be normalized with that class's statistics (the class removed), unlike any training batch."""
     if group:
         batch_size = group * max(1, batch_size // group)
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+        split = split.take(order.to(split.x.device))
     return data.Batches(split, batch_size, device, train=False, **shard)
 
 

@@ -47,7 +47,7 @@ def _split(n=22, seed=0):
 
 
 def test_batch_stats_eval_equals_hand_computation():
-    """eval_stats=batch: groups of the normalization batch in the split's order, each normalized with
+    """eval_stats=batch: groups of the normalization batch in a fixed random order, each normalized with
     its own statistics (a train-mode forward), the incomplete tail left out, no buffer changed."""
     model = _two_bn_model()
     split, group = _split(22), 4
@@ -59,10 +59,10 @@ def test_batch_stats_eval_equals_hand_computation():
     assert not model.training
 
     hand = copy.deepcopy(model).train()
-    x = batches.normalize(split.x)
+    order = torch.randperm(22, generator=torch.Generator().manual_seed(0))  # eval_batches_for's fixed order
+    x, y = batches.normalize(split.x[order]), split.y[order][:20]
     with torch.no_grad():
         logits = torch.cat([hand(x[i:i + group]) for i in range(0, 20, group)])  # 22 % 4 = 2 left out
-    y = split.y[:20]
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     assert acc == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
     # and not the running statistics' answer
@@ -253,3 +253,17 @@ def test_train_eval_gap_presets_have_25_distinct_runs(preset, tiny_data, tmp_pat
                                                 f"eval_stats={stats}"])
         names.add(cfg.run_name)
     assert len(names) == 25
+
+
+def test_mini_batch_statistics_groups_mix_classes():
+    """The splits are stored sorted by class; a group of one class would be normalized with that class's
+    statistics. The evaluation groups are a fixed random draw, as training batches are."""
+    from normbench import data
+    from normbench.train import eval_batches_for
+
+    split = data.Split(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(10).repeat_interleave(4))
+    first = [eval_batches_for(split, 8, 4, "cpu") for _ in range(2)]
+    groups = [[y[i:i + 4] for _, y in b.epoch() for i in range(0, len(y), 4)] for b in first]
+    assert max(len(set(g.tolist())) for g in groups[0]) > 1  # not one class per group
+    assert all(torch.equal(a, b) for a, b in zip(*groups))  # the same fixed order every evaluation
+    assert sorted(torch.cat(groups[0]).tolist()) == sorted(split.y.tolist())  # every image once
