@@ -4,11 +4,6 @@
 import contextlib
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,8 +15,8 @@ from normbench.cli import run_job
 from normbench.norms import build_norm, precise_bn_update
 from normbench.summary import GAP_FIELDS
 from normbench.train import Run, eval_batches_for, evaluate
-from tests.conftest import REPO, make_image_folder, run_cli
-from tests.test_train import _cli_args, read_metrics, scalars
+from tests.conftest import make_image_folder, run_cli
+from tests.test_train import _cli_args, kill_inside_epoch_2, read_metrics, scalars
 
 
 def _two_bn_model(seed=0, virtual_batch=None):
@@ -204,19 +199,7 @@ def test_sigkill_inside_frozen_tail_then_resume_is_exact(tmp_path):
     args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0", "freeze_stats_epochs=2",
             "eval_stats=precise", "precise_batches=3", "gap_train_images=40"]
     run_dir = tmp_path / "killed" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/seed0"
-    cmd = [sys.executable, "-m", "normbench", *_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NORMBENCH_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.csv").exists():
-            break
-        time.sleep(0.05)
-    time.sleep(0.6)  # inside epoch 2, the first frozen one (200 steps per epoch)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoint.pt").exists()
+    kill_inside_epoch_2(data_root, tmp_path / "killed", args, run_dir, env)  # the first frozen epoch
     resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "epoch 1 batch" in resumed.stdout

@@ -134,13 +134,10 @@ def _cli_args(data_root, out_dir, *extra):
     return [*TINY_OVERRIDES, f"data.root={data_root}", f"out_dir={out_dir}", *extra]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
-    env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
-    args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0"]
-    run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/seed0"
-    # Checkpoint every 25 steps, so the kill lands between checkpoints inside an epoch.
-    cmd = [sys.executable, "-m", "normbench", *_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25")]
+def kill_inside_epoch_2(data_root, out_dir, args, run_dir, env) -> None:
+    """Start the run (40 images x 10 classes at batch 2: 200 steps per epoch, a checkpoint every 25
+    steps) and SIGKILL it inside epoch 2, between two checkpoints."""
+    cmd = [sys.executable, "-m", "normbench", *_cli_args(data_root, out_dir, *args, "ckpt_every=25")]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NORMBENCH_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -148,11 +145,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
         if (run_dir / "metrics.csv").exists():
             break
         time.sleep(0.05)
-    time.sleep(0.6)  # well inside epoch 2 (200 steps per epoch)
+    time.sleep(0.6)  # well inside epoch 2
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoint.pt").exists()
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
+    env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
+    args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0"]
+    run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/seed0"
+    kill_inside_epoch_2(data_root, tmp_path / "killed", args, run_dir, env)
 
     resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
     assert resumed.returncode == 0, resumed.stderr
