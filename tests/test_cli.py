@@ -1,11 +1,14 @@
 """Every bad input: exit status 2, one clear line, no traceback, before any training."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import TINY_OVERRIDES, make_image_folder, run_cli
+from tests.conftest import REPO, TINY_OVERRIDES, make_image_folder, run_cli
 
 
 def assert_one_line_error(result, *fragments):
@@ -212,3 +215,54 @@ def test_report_on_path_without_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "normbench.report", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "no runs found" in result.stderr
+
+
+@pytest.fixture
+def training_elsewhere(tmp_path, monkeypatch):
+    """Another process registered as training (in a registry of this test's own)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from normbench.cli import registered_as_training\n"
+         "with registered_as_training():\n    print('ready', flush=True); time.sleep(120)"],
+        cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    yield holder
+    holder.kill()
+    holder.wait()
+
+
+def test_training_registry_sees_live_runs_only(training_elsewhere):
+    from normbench.cli import registered_as_training
+
+    with registered_as_training() as others:
+        assert others == [training_elsewhere.pid]
+    training_elsewhere.kill()
+    training_elsewhere.wait()
+    with registered_as_training() as others:
+        assert others == []  # a killed run's file is not a run
+
+
+def test_warns_when_another_run_shares_the_cores(tiny_data, tmp_path, training_elsewhere, capsys):
+    """A CPU run with torch's default threads beside a training one is told to set threads; with
+    threads set it is not."""
+    from omegaconf import OmegaConf
+
+    from normbench.cli import warn_if_sharing_cores
+
+    all_cores = str(len(os.sched_getaffinity(0)))
+    result = run_cli([*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}"],
+                     env_extra={"NORMBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": all_cores})
+    assert result.returncode == 0, result.stderr
+    warning = "another normbench process is training on this machine"
+    assert warning in result.stderr and f"pid {training_elsewhere.pid}" in result.stderr
+    assert "threads=" in result.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        warn_if_sharing_cores(OmegaConf.create({"threads": None, "device": "cpu"}), [training_elsewhere.pid])
+    finally:
+        torch.set_num_threads(threads)
+    assert warning in capsys.readouterr().err
+    warn_if_sharing_cores(OmegaConf.create({"threads": 1, "device": "cpu"}), [training_elsewhere.pid])
+    warn_if_sharing_cores(OmegaConf.create({"threads": None, "device": "cpu"}), [])
+    assert warning not in capsys.readouterr().err

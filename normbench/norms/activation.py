@@ -238,6 +238,13 @@ class _BatchStatNorm(nn.Module):
         if not self._syncs():
             if not with_var:
                 return BatchStats(xs.mean(dim=(1, 3)), None, count)
+            if not (torch.is_grad_enabled() and xs.requires_grad):
+                # Without gradients, the fused batch-norm kernel's statistics (3x faster than var_mean on a
+                # CPU): the groups folded into channels, (G, k, C, S) -> (k, G*C, S); var = 1/invstd^2 - eps.
+                g, k, c = xs.shape[:3]
+                _, mean, invstd = torch.native_batch_norm(xs.transpose(0, 1).reshape(k, g * c, -1), None, None, None,
+                                                          None, True, 0.0, self.eps)
+                return BatchStats(mean.view(g, c), (invstd.square().reciprocal() - self.eps).view(g, c), count)
             var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)
             return BatchStats(mean, var, count)
         var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)
@@ -294,6 +301,31 @@ class _BatchStatNorm(nn.Module):
                 delta = mean_b - mean_a
                 acc[:] = [n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)]
 
+    def _fused_batch_norm(self, x: torch.Tensor, groups: int, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, update: bool) -> torch.Tensor:
+        """Unsynchronized training forward through torch's fused kernel, which computes the statistics
+        of ``_batch_stats`` and applies them in one call (through ``_batch_stats`` and autograd, a
+        ResNet-20 step at batch 128 on a CPU took 13% longer with virtual batches of 32, 38% with
+        virtual batches of 2): x_hat * weight + bias, the affine per channel (C,) or per group and
+        channel (G, C). Ghost batches are folded into the channels, (N, C, *S) -> (k, G*C, *S), so one
+        call normalizes every group. With ``update`` the running statistics move as
+        ``_update_running_stats`` moves them (the mean over groups of each group's update)."""
+        if groups == 1:
+            rm, rv = (self.running_mean, self.running_var) if update else (None, None)
+            flat = lambda p: None if p is None else p.reshape(-1)  # noqa: E731
+            return F.batch_norm(x, rm, rv, flat(weight), flat(bias), True, self.momentum, self.eps)
+        n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+        k = n // groups
+        xf = x.reshape(groups, k, c, *spatial).transpose(0, 1).reshape(k, groups * c, *spatial)
+        per_group = lambda p: None if p is None else (p.repeat(groups) if p.ndim == 1 else p.reshape(-1))  # noqa: E731
+        rm, rv = (self.running_mean.repeat(groups), self.running_var.repeat(groups)) if update else (None, None)
+        out = F.batch_norm(xf, rm, rv, per_group(weight), per_group(bias), True, self.momentum, self.eps)
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(rm.view(groups, c).mean(0))
+                self.running_var.copy_(rv.view(groups, c).mean(0))
+        return out.reshape(k, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
+
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation: normalize with the running estimates."""
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
@@ -349,28 +381,7 @@ class BatchNorm(_BatchStatNorm):
             if x.is_cuda:
                 return self._sync_batch_norm_cuda(x, update)
             return self._normalize_with_batch_stats(x, update)
-        # Unsynchronized: torch's fused kernel computes the statistics of ``_batch_stats`` and applies them
-        # in one call (through ``_batch_stats`` and autograd, a ResNet-20 step at batch 128 on a CPU took
-        # 13% longer with virtual batches of 32, 38% with virtual batches of 2).
-        if groups == 1:
-            rm, rv = (self.running_mean, self.running_var) if update else (None, None)
-            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum, self.eps)
-        # Ghost batches: (N, C, *S) -> (k, G*C, *S), one F.batch_norm call over G*C "channels".
-        n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
-        k = n // groups
-        xf = x.reshape(groups, k, c, *spatial).transpose(0, 1).reshape(k, groups * c, *spatial)
-        w = self.weight.repeat(groups) if self.weight is not None else None
-        b = self.bias.repeat(groups) if self.bias is not None else None
-        if update:
-            rm, rv = self.running_mean.repeat(groups), self.running_var.repeat(groups)
-        else:
-            rm = rv = None
-        out = F.batch_norm(xf, rm, rv, w, b, True, self.momentum, self.eps)
-        if update:
-            with torch.no_grad():
-                self.running_mean.copy_(rm.view(groups, c).mean(0))
-                self.running_var.copy_(rv.view(groups, c).mean(0))
-        return out.reshape(k, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
+        return self._fused_batch_norm(x, groups, self.weight, self.bias, update)
 
     def _normalize_with_batch_stats(self, x: torch.Tensor, update: bool) -> torch.Tensor:
         """BN with the statistics of ``_batch_stats`` (the synchronized ones: no virtual batch here)."""
@@ -452,6 +463,7 @@ class BatchRenorm(_BatchStatNorm):
         self.relax_start, self.r_relax, self.d_relax = float(relax_start), float(r_relax), float(d_relax)
         self.total_steps: int | None = None  # set by set_training_length (relax_unit='fraction')
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self._steps = 0  # == num_steps, kept on the host (set again when a state_dict is loaded)
         _init_affine(self, num_features, affine)
 
     def set_training_length(self, total_steps: int) -> None:
@@ -465,15 +477,20 @@ class BatchRenorm(_BatchStatNorm):
                                "normbench.norms.set_training_length(model, total_steps) before training")
         return length * self.total_steps
 
-    def _ramp(self, length: float) -> torch.Tensor:
-        t = self.num_steps.to(torch.float32) - self._in_steps(self.relax_start)
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = int(self.num_steps)
+
+    def _ramp(self, length: float) -> float:
+        t = self._steps - self._in_steps(self.relax_start)
         length = self._in_steps(length)
         if length <= 0:
-            return (t >= 0).to(torch.float32)
-        return (t / length).clamp(0.0, 1.0)
+            return float(t >= 0)
+        return min(max(t / length, 0.0), 1.0)
 
-    def current_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_max, d_max) in force at the current step, as 0-dim tensors."""
+    def current_limits(self) -> tuple[float, float]:
+        """(r_max, d_max) in force at the current step. Computed from ``_steps``, the host's copy of the
+        ``num_steps`` buffer (no device sync, and a dozen fewer tensor ops per layer and step)."""
         r_lim = 1.0 + (self.r_max - 1.0) * self._ramp(self.r_relax)
         d_lim = self.d_max * self._ramp(self.d_relax)
         return r_lim, d_lim
@@ -484,25 +501,49 @@ class BatchRenorm(_BatchStatNorm):
         groups = self._num_groups(x)
         if self._recording or self._precise_acc is not None:
             self._observe(x, groups)
+        update = not self._frozen
+        if self._syncs():
+            out = self._renormalize_with_batch_stats(x, groups, update)
+        else:
+            # ((x - mu_B) / sigma_B * r + d) * gamma + beta == x_hat * (r gamma) + (d gamma + beta): torch's
+            # fused batch norm with that affine, r and d constants (the statistics for them computed once
+            # more without gradients: per training step at batch 2 on a CPU, 1.4x faster than through
+            # autograd of every elementwise op).
+            with torch.no_grad():
+                stats = self._batch_stats(self._grouped(x.detach(), groups))
+                r, d = self._corrections(stats)
+            weight, bias = (r, d) if self.weight is None else (r * self.weight, torch.addcmul(self.bias, d, self.weight))
+            out = self._fused_batch_norm(x, groups, weight, bias, update)
+        if update:
+            self.num_steps += 1
+            self._steps += 1
+        return out
+
+    @torch.no_grad()
+    def _corrections(self, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), (G, C),
+        with the running statistics before this step's update."""
+        std_b = (stats.var + self.eps).sqrt()
+        std = (self.running_var + self.eps).sqrt()
+        r_lim, d_lim = self.current_limits()
+        r = torch.clamp(std_b / std, min=1.0 / r_lim, max=r_lim)
+        d = torch.clamp((stats.mean - self.running_mean) / std, min=-d_lim, max=d_lim)
+        return r, d
+
+    def _renormalize_with_batch_stats(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
+        """The forward with the statistics of ``_batch_stats`` through autograd (the synchronized ones)."""
         xs = self._grouped(x, groups)  # (G, k, C, S)
         stats = self._batch_stats(xs)
-        mean_b, var_b = stats.mean, stats.var  # (G, C)
-        std_b = (var_b + self.eps).sqrt()
-        with torch.no_grad():
-            std = (self.running_var + self.eps).sqrt()
-            r_lim, d_lim = self.current_limits()
-            r = torch.clamp(std_b / std, min=1.0 / r_lim, max=r_lim)
-            d = torch.clamp((mean_b - self.running_mean) / std, min=-d_lim, max=d_lim)
+        r, d = self._corrections(stats)
         # (x - mu_B) / sigma_B * r + d  ==  x * scale + shift, gradients through mu_B, sigma_B only.
-        scale = r / std_b
-        shift = d - mean_b * scale
+        scale = r / (stats.var + self.eps).sqrt()
+        shift = d - stats.mean * scale
         if self.weight is not None:
             scale = scale * self.weight
             shift = shift * self.weight + self.bias
         out = xs * scale.unsqueeze(1).unsqueeze(-1) + shift.unsqueeze(1).unsqueeze(-1)
-        if not self._frozen:
+        if update:
             self._update_running_stats(stats)
-            self.num_steps += 1
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -565,14 +606,47 @@ class FilterResponseNorm(nn.Module):
         self.eps_learned = nn.Parameter(torch.full((1,), 1e-4)) if learnable_eps else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nu2 = x.square().mean(dim=_spatial_dims(x, "FilterResponseNorm"), keepdim=True)
+        dims = _spatial_dims(x, "FilterResponseNorm")
+        nu2 = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / x[0, 0].numel()
         eps = abs(self.eps) if self.eps_learned is None else abs(self.eps) + self.eps_learned.abs()
-        y = x * torch.rsqrt(nu2 + eps) * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
-        return y if self.tau is None else torch.maximum(y, _chan(self.tau, x.ndim))
+        # gamma / sqrt(nu2 + eps) per sample and channel first: one multiply-add over the feature map.
+        scale = torch.rsqrt(nu2 + eps) * _chan(self.weight, x.ndim)
+        if self.tau is None:
+            return torch.addcmul(_chan(self.bias, x.ndim), x, scale)
+        # TLU max(y, tau) as relu(y - tau) + tau: the same values and gradients except at exact ties
+        # (maximum splits the gradient there), and 3x faster in training on a CPU than torch.maximum,
+        # whose backward masks and splits every element.
+        tau = _chan(self.tau, x.ndim)
+        return torch.relu_(torch.addcmul(_chan(self.bias, x.ndim) - tau, x, scale)) + tau
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}, "
                 f"apply_act={self.tau is not None}")
+
+
+class _GroupRstd(torch.autograd.Function):
+    """1 / sqrt(var + eps) per sample and group of channels (biased variance over (C/G, *spatial)), (N, G),
+    from torch's fused group-norm kernel (on a CPU 5x faster than var, whose single-pass reduction is
+    slow), with its gradient written out: d/dx = -rstd^3 (x - mean) / M, M the values per group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+        n, c = x.shape[:2]
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least (autocast)
+        _, mean, rstd = torch.native_group_norm(x32, None, None, n, c, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.groups = groups
+        return rstd
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        per_group = c // ctx.groups
+        coef = -grad * rstd.pow(3) / (per_group * x[0, 0].numel())  # (N, G)
+        to_channels = lambda t: t.repeat_interleave(per_group, dim=1).view(n, c, *([1] * (x.ndim - 2)))  # noqa: E731
+        coef, mean = to_channels(coef), to_channels(mean)
+        return torch.addcmul(-mean * coef, x, coef).to(x.dtype), None, None
 
 
 class EvoNormS0(nn.Module):
@@ -597,15 +671,57 @@ class EvoNormS0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _spatial_dims(x, "EvoNormS0")
+        weight = _chan(self.weight, x.ndim)
         if self.v is not None:
-            n = x.shape[0]
-            var = x.reshape(n, self.groups, -1).var(dim=2, unbiased=False, keepdim=True)
-            num = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
-            x = (num.reshape(n, self.groups, -1) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        return x * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+            n, c = x.shape[:2]
+            rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G)
+            # gamma / group_std per sample and channel first: the feature map is touched by the
+            # gate and one multiply-add only.
+            weight = weight * rstd.repeat_interleave(c // self.groups, dim=1).view(n, c, *([1] * (x.ndim - 2)))
+            x = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
+        return torch.addcmul(_chan(self.bias, x.ndim), x, weight)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
+
+
+def _channel_window_sum(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """out[:, c] = sum of t[:, c - before .. c + after] (channels outside are 0), without autograd."""
+    c = t.shape[1]
+    out = t.clone()
+    for offset in range(1, min(after, c - 1) + 1):  # channel c + offset
+        out[:, : c - offset] += t[:, offset:]
+    for offset in range(1, min(before, c - 1) + 1):  # channel c - offset
+        out[:, offset:] += t[:, : c - offset]
+    return out
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """y = x * D^-beta, D = k + alpha * (sum of x^2 over the channel window), with its gradient written
+    out: dL/dx_c = g_c D_c^-beta - 2 alpha beta x_c * sum over the windows containing c of g y / D.
+    The formula of F.local_response_norm, whose autograd graph (pad, avg_pool3d, pow in both passes)
+    made a ResNet-20 training step 3x slower on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+        before, after = size // 2, (size - 1) // 2
+        denom = _channel_window_sum(x.square(), before, after).mul_(alpha).add_(k)
+        if beta == 0.75:  # AlexNet's: D^-3/4 = 1 / sqrt(D sqrt(D)), 3x faster than pow on a CPU
+            scale = denom.sqrt().mul_(denom).rsqrt_()
+        else:
+            scale = denom.pow(-beta)
+        ctx.save_for_backward(x, denom, scale)
+        ctx.constants = (before, after, alpha, beta)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, denom, scale = ctx.saved_tensors
+        before, after, alpha, beta = ctx.constants
+        gy_over_d = grad * x * scale / denom  # g * y / D
+        # The windows containing channel c are those of channels c - after .. c + before.
+        spread = _channel_window_sum(gy_over_d, after, before)
+        return torch.addcmul(grad * scale, x, spread, value=-2.0 * alpha * beta), None, None, None, None
 
 
 class LocalResponseNorm(nn.Module):
@@ -630,9 +746,9 @@ class LocalResponseNorm(nn.Module):
         _init_affine(self, num_features, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.local_response_norm(x, self.size, self.alpha * self.size, self.beta, self.k)
+        y = _LocalResponseNorm.apply(x, self.size, self.alpha, self.beta, self.k)
         if self.weight is not None:
-            y = y * _chan(self.weight, x.ndim) + _chan(self.bias, x.ndim)
+            y = torch.addcmul(_chan(self.bias, x.ndim), y, _chan(self.weight, x.ndim))
         return y
 
     def extra_repr(self) -> str:
@@ -655,7 +771,10 @@ def layer_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> 
 
 
 def instance_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> nn.Module:
-    return nn.InstanceNorm2d(num_features, eps=eps, affine=affine, track_running_stats=False)
+    """Instance norm: per sample and channel over (H, W), which is GroupNorm with one channel per group
+    (nn.InstanceNorm2d computes the same through a batch norm over N*C channels, 30% slower per
+    training step at batch 2 on a CPU)."""
+    return nn.GroupNorm(num_features, num_features, eps=eps, affine=affine)
 
 
 def group_norm(num_features: int, *, groups: int = 8, group_size: int | None = None, eps: float = 1e-5,
@@ -685,8 +804,8 @@ def set_training_length(model: nn.Module, total_steps: int) -> nn.Module:
     return model
 
 
-def schedule_scalars(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The schedule values in force now, for logging: ``brn/r_max`` and ``brn/d_max`` (0-dim tensors)
+def schedule_scalars(model: nn.Module) -> dict[str, float]:
+    """The schedule values in force now, for logging: ``brn/r_max`` and ``brn/d_max``
     if the model has Batch Renorm layers (they all count the same steps), else nothing."""
     for m in model.modules():
         if isinstance(m, BatchRenorm):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
@@ -56,9 +57,10 @@ class WeightStandardization(nn.Module):
         self.eps = eps
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        dims = tuple(range(1, w.ndim))
-        var, mean = torch.var_mean(w, dim=dims, keepdim=True, unbiased=False)
-        return (w - mean) * torch.rsqrt(var + self.eps)
+        # Per output channel over the rest is a training-mode batch norm of w as (1, out, rest): one
+        # fused kernel forward and backward (as timm's StdConv2d), recomputed every forward.
+        return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0,
+                            eps=self.eps).reshape_as(w)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
