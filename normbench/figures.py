@@ -184,6 +184,12 @@ def _matches(column: pd.Series, value) -> np.ndarray:
 # Figures
 # --------------------------------------------------------------------------------------------
 
+def _flat_across(run: pd.DataFrame, batches: list) -> pd.DataFrame:
+    """A batch-independent norm's one run, repeated at each normalization batch of the sweep: its
+    result holds at every one of them, a flat line as in the Group Norm paper's Figure 1."""
+    return run.loc[run.index.repeat(len(batches))].assign(x=batches)
+
+
 def _spread_batch_independent(lines: list[tuple]) -> list[tuple]:
     """In an emulated per-device sweep (virtual batches at one SGD batch), a batch-independent norm
     is one run whose error holds at every per-device batch: draw it as a flat line across them, as
@@ -196,7 +202,7 @@ def _spread_batch_independent(lines: list[tuple]) -> list[tuple]:
     spread = []
     for secondary, norm, label, line in lines:
         if line["norm_batch"].isna().all() and len(line) == 1 and int(line["batch_size"].iloc[0]) in sgd_batches:
-            line = line.loc[line.index.repeat(len(per_device))].assign(x=per_device)
+            line = _flat_across(line, per_device)
             label = label.replace("[batch-independent]", "[batch-independent: one run]")
         spread.append((secondary, norm, label, line))
     return spread
@@ -373,7 +379,7 @@ def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
         panel = panel.sort_values("x")
         independent = panel["norm_batch"].isna().all()
         if independent and per_device and len(panel) == 1:  # one run, drawn at every normalization batch
-            panel = panel.loc[panel.index.repeat(len(per_device))].assign(x=per_device)
+            panel = _flat_across(panel, per_device)
         row = dict(zip(panel_keys, key))
         title = ", ".join(filter(None, [row["norm"] + (" [batch-independent]" if independent else ""),
                                         row["model"], _setting_text(row, settings)]))

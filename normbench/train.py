@@ -255,6 +255,10 @@ class Run:
         self.model = model = make_model(cfg).to(device)
         norms.set_training_length(model, self.total_steps)
         self.train_model = data_parallel(model, device)
+        if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
+            # The training forward only (evaluation stays eager: it runs a few times per run); the
+            # parameters and buffers are the model's, so checkpoints and evaluation see the same state.
+            self.train_model = torch.compile(self.train_model)
         if cfg.norm.get("sync") and self.world == 1:
             log("warning: norm.sync=true in a single process: statistics are this process's batch, as without sync")
         elif cfg.norm.get("sync") and cfg.norm.get("virtual_batch") is not None:

@@ -160,6 +160,7 @@ def check_config(cfg) -> None:
     check_positive_int("dist_timeout_s", cfg.dist_timeout_s)
     check_device(cfg.device)
     check_choice("amp", cfg.amp, ("auto", True, False))
+    check_choice("compile", cfg.compile, ("auto", True, False))
     check_choice("progress", cfg.progress, ("auto", True, False))
     check_positive_int("data.eval_batch_size", cfg.data.eval_batch_size)
     check_nonnegative_int("data.crop_padding", cfg.data.crop_padding)

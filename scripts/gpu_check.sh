@@ -22,8 +22,6 @@ for p in sorted(pathlib.Path(sys.argv[1]).rglob("summary.json")):
     s = json.loads(p.read_text())
     print(f"{s['run_name']:40s} {s['status']:9s} dev={s.get('device')} test_acc={s.get('test_acc')} img/s={s.get('images_per_s')}")
 PY
-# 4. throughput ratios: runner vs pure compute vs the common DataLoader loop
-# (steps x batch must fit the carried 10,000-image subset)
-python3 scripts/bench.py --steps 20 --repeats 3 --workers 8 --out "$OUT/h200_resnet20_bn_bs128.md" 2>&1 | tail -3
-python3 scripts/bench.py --steps 100 --repeats 3 --batch-size 2 --workers 4 --out "$OUT/h200_resnet20_bn_bs2.md" 2>&1 | tail -3
-python3 scripts/bench.py --steps 20 --repeats 3 --workers 8 --amp false --out "$OUT/h200_resnet20_bn_bs128_fp32.md" 2>&1 | tail -3
+# 4. throughput: every norm vs BN, ghost vs true batch 2, runner vs pure compute and DataLoader, compile=true vs
+# eager (the bench's GPU sections; its windows fit the carried 10,000-image subset)
+python3 scripts/bench.py --norms all --models resnet20 --workers 8 --out "$OUT/gpu_bench.md" 2>&1 | tail -30

@@ -190,6 +190,7 @@ def test_torchrun_bn_and_sync_bn(tiny_data, tmp_path, make_cfg):
     assert summaries["bn"]["train_loss"] == pytest.approx(single["ghost"]["train_loss"], rel=1e-3)
 
 
+@pytest.mark.slow  # submitit spawns and polls two tasks; make test-all
 def test_submitit_local_job_with_two_tasks_is_one_data_parallel_run(tiny_data, tmp_path):
     """hydra/launcher=local_ddp: submitit starts 2 tasks per job as SLURM would (no torchrun); they join
     one process group from submitit's environment and train one run."""
@@ -222,6 +223,7 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+@pytest.mark.slow  # three two-process runs; exact resume is also tested in one process by make test
 def test_killed_two_process_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
     """Batch Renorm: its training forward uses each rank's own running statistics, so an exact resume
     needs every rank's (the checkpoint holds them), not just rank 0's."""

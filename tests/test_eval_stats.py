@@ -193,6 +193,7 @@ def test_frozen_tail_keeps_running_stats(make_cfg, tmp_path, norm):
     assert any(not torch.equal(unfrozen[2][0][k], unfrozen[0][0][k]) for k in after_first)
 
 
+@pytest.mark.slow  # three runs of 600 steps; the plain SIGKILL resume test runs in make test
 def test_sigkill_inside_frozen_tail_then_resume_is_exact(tmp_path):
     data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
     env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}

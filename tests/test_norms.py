@@ -834,3 +834,99 @@ def test_brn_relaxes_within_a_short_run():
         build_norm("brn", 2).train()(x)  # a fraction of an unknown length is refused, not guessed
     with pytest.raises(NormConfigError, match="fraction"):
         build_norm("brn", 2, r_relax=2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Written-out gradients and fused paths (issue 13): the same function as the plain formula
+# ------------------------------------------------------------------------------------------
+
+
+def _grads(fn, x, upstream, params=()):
+    x = x.clone().requires_grad_()
+    out = fn(x)
+    return (out, *torch.autograd.grad(out, [x, *params], upstream))
+
+
+@pytest.mark.parametrize("size, beta, alpha, k", [(5, 0.75, 1e-4, 2.0), (5, 0.75, 0.5, 1.0), (4, 0.6, 0.3, 1.0),
+                                                  (1, 0.75, 0.2, 1.0)])
+def test_lrn_values_and_gradients_equal_torch(size, beta, alpha, k):
+    """The hand-written backward (and the sqrt form of D^-3/4) against autograd of torch's LRN; a large
+    alpha makes the cross-channel term of the gradient matter."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4, 5, dtype=torch.double) * 3
+    upstream = torch.randn_like(x)
+    m = build_norm("lrn", 7, size=size, alpha=alpha, beta=beta, k=k, affine=False).double()
+    ours = _grads(m, x, upstream)
+    ref = _grads(lambda t: F.local_response_norm(t, size, alpha * size, beta, k), x, upstream)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    assert (ref[1] - upstream * (k + alpha * x**2) ** -beta).abs().max() > 1e-3  # the coupling term is there
+
+
+def test_evonorm_s0_gradients_equal_autograd_of_formula():
+    torch.manual_seed(0)
+    x = structured_input(n=3, c=8).double()
+    m = build_norm("evonorm_s0", 8, apply_act=True, groups=4).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(8))
+    upstream = torch.randn_like(x)
+
+    def formula(t):
+        n, c, h, w = t.shape
+        std = (t.reshape(n, 4, -1).var(-1, unbiased=False) + 1e-5).sqrt().repeat_interleave(2, 1).view(n, c, 1, 1)
+        s = (1, -1, 1, 1)
+        return t * torch.sigmoid(m.v.view(s) * t) / std * m.weight.view(s) + m.bias.view(s)
+
+    params = list(m.parameters())
+    for a, b in zip(_grads(m, x, upstream, params), _grads(formula, x, upstream, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_frn_gradients_equal_autograd_of_formula():
+    torch.manual_seed(0)
+    x = structured_input(n=2, c=4).double()
+    m = build_norm("frn", 4, apply_act=True, learnable_eps=True).double()
+    with torch.no_grad():
+        for p in (m.weight, m.bias, m.tau):
+            p.copy_(torch.randn(4))
+    upstream = torch.randn_like(x)
+
+    def formula(t):
+        s = (1, -1, 1, 1)
+        nu2 = t.square().mean((2, 3), keepdim=True)
+        y = m.weight.view(s) * t / (nu2 + 1e-6 + m.eps_learned.abs()).sqrt() + m.bias.view(s)
+        return torch.maximum(y, m.tau.view(s))
+
+    params = list(m.parameters())
+    ours, ref = _grads(m, x, upstream, params), _grads(formula, x, upstream, params)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    assert (ref[0] == m.tau.view(1, -1, 1, 1)).any()  # the TLU clips somewhere
+
+
+@pytest.mark.parametrize("virtual_batch", [None, 2])
+def test_brn_fused_path_equals_batch_stats_path(virtual_batch):
+    """BRN's fused forward (torch's batch-norm kernel with r gamma, d gamma + beta) against the same layer
+    through ``_batch_stats`` and autograd (its synchronized path, here in one process): outputs, every
+    gradient, running statistics and step count, with r and d away from (1, 0)."""
+    torch.manual_seed(0)
+    x = structured_input(n=4, c=3).double()
+    upstream = torch.randn_like(x)
+    layers = []
+    for _ in range(2):
+        brn = build_norm("brn", 3, r_max=1.3, d_max=0.4, relax_unit="steps", relax_start=0, r_relax=0, d_relax=0,
+                         virtual_batch=virtual_batch).double().train()
+        _set_stats(brn, torch.tensor([0.5, -1.0, 0.2]), torch.tensor([2.0, 0.5, 9.0]),
+                   torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3]))
+        layers.append(brn)
+    fused, reference = layers
+    groups = 1 if virtual_batch is None else 4 // virtual_batch
+    params = [fused.weight, fused.bias]
+    out_f, gx_f, gw_f, gb_f = _grads(fused, x, upstream, params)
+    out_r, gx_r, gw_r, gb_r = _grads(lambda t: reference._renormalize_with_batch_stats(t, groups, True), x, upstream,
+                                     [reference.weight, reference.bias])
+    for a, b in ((out_f, out_r), (gx_f, gx_r), (gw_f, gw_r), (gb_f, gb_r),
+                 (fused.running_mean, reference.running_mean), (fused.running_var, reference.running_var)):
+        torch.testing.assert_close(a, b)
+    assert int(fused.num_steps) == 1 and fused._steps == 1

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.skipif(not REAL, reason="NORMBENCH_DATA not set: the re
 def test_resnet20_bn_batch2_on_real_cifar10(tmp_path):
     out = tmp_path / "runs"
     result = run_cli(["model=resnet20", "norm=bn", "batch_size=2", "epochs=1", "data.subset=2000",
-                      f"data.root={REAL}", f"out_dir={out}"],
+                      "data.test_subset=1000", "gap_train_images=1000", f"data.root={REAL}", f"out_dir={out}"],
                      env_extra={"NORMBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}, timeout=600)
     assert result.returncode == 0, result.stderr
     run_dir = out / "resnet20/bn/bs2/lr0.1/seed0"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["train_size"] == 2000 and summary["test_size"] == 10000
+    assert summary["train_size"] == 2000 and summary["test_size"] == 1000
     assert summary["steps_done"] == 1000
     # one epoch of ResNet-20 at batch 2 on 2,000 images learns something: better than chance (10%)
     assert summary["test_acc"] > 12.0

@@ -247,3 +247,24 @@ def test_precise_bn_sets_population_statistics_before_eval(make_cfg, tmp_path):
     first_bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
     # momentum 1e-4 alone would leave the running mean at ~0; PreciseBN replaced it
     assert first_bn.running_mean.abs().max() > 1e-2
+
+
+def test_compile_auto_is_off_on_a_cpu(make_cfg, tmp_path):
+    from normbench.train import Run
+
+    for setting, compiled in (("auto", False), ("false", False), ("true", True)):
+        run = Run(make_cfg(f"compile={setting}", "device=cpu"), tmp_path / setting, log=lambda *a: None)
+        assert isinstance(run.train_model, torch._dynamo.eval_frame.OptimizedModule) == compiled, setting
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["bn", "brn"])
+def test_compiled_run_matches_eager(make_cfg, tmp_path, norm):
+    """compile=true trains the same run as eager (within float tolerance), BRN's host-side schedule included."""
+    results = {}
+    for setting in ("false", "true"):
+        cfg = make_cfg(f"norm={norm}", f"compile={setting}", "epochs=2", out_dir=tmp_path / setting)
+        summary = run_job(cfg)
+        assert summary["status"] == "completed", summary.get("reason")
+        results[setting] = [float(row["train_loss"]) for row in read_metrics(tmp_path / setting / cfg.run_name)]
+    assert results["true"] == pytest.approx(results["false"], rel=1e-3)

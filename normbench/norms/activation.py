@@ -509,16 +509,25 @@ class BatchRenorm(_BatchStatNorm):
             # fused batch norm with that affine, r and d constants (the statistics for them computed once
             # more without gradients: per training step at batch 2 on a CPU, 1.4x faster than through
             # autograd of every elementwise op).
-            with torch.no_grad():
-                stats = self._batch_stats(self._grouped(x.detach(), groups))
-                r, d = self._corrections(stats)
+            r, d = self._corrections(self._batch_stats_no_grad(x, groups))
             weight, bias = (r, d) if self.weight is None else (r * self.weight, torch.addcmul(self.bias, d, self.weight))
             out = self._fused_batch_norm(x, groups, weight, bias, update)
         if update:
-            self.num_steps += 1
-            self._steps += 1
+            self._count_step()
         return out
 
+    @torch.no_grad()
+    def _batch_stats_no_grad(self, x: torch.Tensor, groups: int) -> BatchStats:
+        return self._batch_stats(self._grouped(x.detach(), groups))
+
+    # The step count and the limits it sets live on the host (a Python int read every forward): kept out
+    # of torch.compile's graphs, which would otherwise be specialized on it and recompiled every step.
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        self.num_steps += 1
+        self._steps += 1
+
+    @torch.compiler.disable
     @torch.no_grad()
     def _corrections(self, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:
         """r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), (G, C),
