@@ -30,8 +30,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# make bench [BENCH_OUT=results/bench/cpu2.md]: the throughput tables and targets (quiet machine: about 10 min on 2 CPU cores)
 bench: setup
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 clean:
 	rm -rf runs outputs multirun
