@@ -284,7 +284,8 @@ def main() -> None:
     started = time.perf_counter()
     models = args.models.split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    norms = list(NORMS) if args.norms == "all" else ["bn", *[n for n in args.norms.split(",") if n != "bn"]]
+    wanted = list(NORMS) if args.norms == "all" else args.norms.split(",")
+    norms = ["bn", *[n for n in wanted if n != "bn"]]  # bn first: every other norm is a ratio to it
     device = resolve_device(args.device)
     sections = set(args.sections.split(",")) if args.sections != "auto" else (
         {"norms", "virtual", "loops", "compile"} if device.type == "cuda" else {"norms", "virtual", "loops", "memory"})
