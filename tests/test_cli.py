@@ -30,6 +30,27 @@ def run(tiny_data, tmp_path):
     return run
 
 
+@pytest.fixture
+def refused(tiny_data, tmp_path, monkeypatch, capsys):
+    """`normbench ARGS` in this process, for input refused before Hydra starts anything (a
+    subprocess per case cost two minutes of make test; the tests that use `run` check the real
+    entry point's exit status and stderr): its exit status and output, as a CompletedProcess."""
+    from normbench import cli
+
+    def hydra_started():
+        raise AssertionError("the bad input reached Hydra: nothing should start")
+
+    monkeypatch.setattr(cli, "hydra_entry", hydra_started)
+
+    def refused(*overrides):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", *overrides])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess([], exit_.value.code, captured.out, captured.err)
+
+    return refused
+
+
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
@@ -45,7 +66,6 @@ def run(tiny_data, tmp_path):
         (["norm.virtual_batch=3"], ["norm.virtual_batch=3", "batch_size=8", "divide"]),
         (["norm=gn", "norm.groups=7"], ["32 channels", "7"]),
         (["data.subset=0"], ["data.subset=0"]),
-        (["data.subset=100000"], ["data.subset=100000", "160"]),
         (["batchsize=2"], ["unknown key 'batchsize'; did you mean 'batch_size'?"]),
         (["-m", "norm=bn,gn", "epochz=1,2"], ["unknown key 'epochz'; did you mean 'epochs'?"]),
         (["log_every=0"], ["log_every=0"]),
@@ -65,8 +85,14 @@ def run(tiny_data, tmp_path):
         (["norm.precise_stats=4"], ["unknown key 'norm.precise_stats'"]),
     ],
 )
-def test_bad_config_values(run, overrides, fragments):
-    assert_one_line_error(run(*overrides), *fragments)
+def test_bad_config_values(refused, tmp_path, overrides, fragments):
+    assert_one_line_error(refused(*overrides), *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_subset_larger_than_the_data(run):
+    """Known only once the data is found (inside the run, still before training): the real entry point."""
+    assert_one_line_error(run("data.subset=100000"), "data.subset=100000", "160")
 
 
 def test_missing_data_root(run, tmp_path):
@@ -121,14 +147,14 @@ def test_debug_shows_the_traceback(run):
 
 
 @pytest.mark.parametrize("override", ["epoch=1", "+epoch=1", "++epoch=1"])
-def test_unknown_key_names_the_closest_known_key(run, tmp_path, override):
+def test_unknown_key_names_the_closest_known_key(refused, tmp_path, override):
     # `+epoch=1` used to train (30 epochs, with an unused key): Hydra adds unknown `+` keys silently.
-    assert_one_line_error(run("norm=bn", override), "unknown key 'epoch'; did you mean 'epochs'?")
+    assert_one_line_error(refused("norm=bn", override), "unknown key 'epoch'; did you mean 'epochs'?")
     assert not (tmp_path / "runs").exists()
 
 
-def test_unknown_nested_key_names_the_closest_known_key(run):
-    assert_one_line_error(run("data.subsett=100"), "unknown key 'data.subsett'; did you mean 'data.subset'")
+def test_unknown_nested_key_names_the_closest_known_key(refused):
+    assert_one_line_error(refused("data.subsett=100"), "unknown key 'data.subsett'; did you mean 'data.subset'")
 
 
 def test_option_of_another_norm_names_the_chosen_norms_options(run):

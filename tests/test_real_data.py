@@ -13,6 +13,7 @@ REAL = os.environ.get("NORMBENCH_DATA")
 pytestmark = pytest.mark.skipif(not REAL, reason="NORMBENCH_DATA not set: the real CIFAR-10 is not available here")
 
 
+@pytest.mark.slow  # 67 s; make run trains the real CIFAR-10 end to end, test_data loads it in full
 def test_resnet20_bn_batch2_on_real_cifar10(tmp_path):
     out = tmp_path / "runs"
     # One thread: at batch 2 two threads beside any other busy process stall each other (50x slower measured).

@@ -624,6 +624,7 @@ def test_titles_say_how_many_seeds_and_the_protocol(tmp_path):
 # Real runs through the real entry point
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 25 s: two real sweeps; the grouping itself is tested on made-up runs above
 def test_report_of_two_real_sweeps_that_differ_in_data_subset(tiny_data, tmp_path, capsys):
     env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
     common = ["-m", *TINY_OVERRIDES, f"data.root={tiny_data}"]

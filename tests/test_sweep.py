@@ -22,6 +22,7 @@ def statuses(out_dir: Path) -> dict[str, str]:
     return {str(p.parent.relative_to(out_dir)): json.loads(p.read_text())["status"] for p in out_dir.rglob("summary.json")}
 
 
+@pytest.mark.slow  # 43 s; skip and resume are tested in one process by test_train
 def test_sweep_report_rerun_and_partial_rerun(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     first = sweep(tiny_data, out, "norm=bn,gn", "batch_size=2,8", "report_at_end=true")
@@ -114,6 +115,7 @@ def test_live_claim_blocks_a_second_trainer(tiny_data, tmp_path):
     assert statuses(out) == {"cnn/gn/bs8/lr0.1/seed0": "completed"}
 
 
+@pytest.mark.slow  # 18 s; the joblib launcher test covers parallel sweeps
 def test_submitit_local_launcher(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     result = sweep(tiny_data, out, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "norm=bn,gn")

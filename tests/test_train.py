@@ -155,7 +155,7 @@ def kill_inside_epoch_2(data_root, out_dir, args, run_dir, env) -> None:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
     env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
-    args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0"]
+    args = ["norm=bn", "batch_size=2", "epochs=2", "log_every=10", "stat_gap_every=0"]
     run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/seed0"
     kill_inside_epoch_2(data_root, tmp_path / "killed", args, run_dir, env)
 
@@ -174,7 +174,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
     # TensorBoard: the killed attempt's points past the checkpoint are purged, none are lost
-    assert [s for s, _ in scalars(run_dir)["test/acc"]] == [400, 800, 1200]  # images seen
+    assert [s for s, _ in scalars(run_dir)["test/acc"]] == [400, 800]  # images seen
     assert [v for _, v in scalars(run_dir)["test/acc"]] == pytest.approx([float(r["test_acc"]) for r in rows_a])
 
 
