@@ -115,6 +115,7 @@ def test_wrong_image_size(run, tmp_path):
     assert_one_line_error(run(data_root=root), "64x64", "32x32")
 
 
+@pytest.mark.slow  # 15 s; the other data-layout errors stay in make test
 def test_wrong_class_layout(run, tmp_path):
     root = make_image_folder(tmp_path / "three", n_train=1, n_test=1, n_classes=3)
     assert_one_line_error(run(data_root=root), "class layout")

@@ -86,6 +86,7 @@ def test_virtual_batch_identity(tiny_data, tmp_path):
     assert summary["batch_size"] == 8 and summary["virtual_batch"] == 2 and summary["norm_batch"] == 2
 
 
+@pytest.mark.slow  # 18 s: two parallel jobs; make test-all
 def test_joblib_launcher_runs_two_jobs_in_parallel(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     result = sweep(tiny_data, out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "norm=bn,gn")
