@@ -633,6 +633,11 @@ class FilterResponseNorm(nn.Module):
                 f"apply_act={self.tau is not None}")
 
 
+def _groups_to_channels(t: torch.Tensor, channels: int, ndim: int) -> torch.Tensor:
+    """(N, G) per-group values -> (N, C, 1, ...), each group's value on each of its C/G channels."""
+    return t.repeat_interleave(channels // t.shape[1], dim=1).view(t.shape[0], channels, *([1] * (ndim - 2)))
+
+
 class _GroupRstd(torch.autograd.Function):
     """1 / sqrt(var + eps) per sample and group of channels (biased variance over (C/G, *spatial)), (N, G),
     from torch's fused group-norm kernel (on a CPU 5x faster than var, whose single-pass reduction is
@@ -650,11 +655,9 @@ class _GroupRstd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        per_group = c // ctx.groups
-        coef = -grad * rstd.pow(3) / (per_group * x[0, 0].numel())  # (N, G)
-        to_channels = lambda t: t.repeat_interleave(per_group, dim=1).view(n, c, *([1] * (x.ndim - 2)))  # noqa: E731
-        coef, mean = to_channels(coef), to_channels(mean)
+        c = x.shape[1]
+        coef = -grad * rstd.pow(3) / (c // ctx.groups * x[0, 0].numel())  # (N, G)
+        coef, mean = _groups_to_channels(coef, c, x.ndim), _groups_to_channels(mean, c, x.ndim)
         return torch.addcmul(-mean * coef, x, coef).to(x.dtype), None, None
 
 
@@ -682,11 +685,10 @@ class EvoNormS0(nn.Module):
         _spatial_dims(x, "EvoNormS0")
         weight = _chan(self.weight, x.ndim)
         if self.v is not None:
-            n, c = x.shape[:2]
             rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G)
             # gamma / group_std per sample and channel first: the feature map is touched by the
             # gate and one multiply-add only.
-            weight = weight * rstd.repeat_interleave(c // self.groups, dim=1).view(n, c, *([1] * (x.ndim - 2)))
+            weight = weight * _groups_to_channels(rstd, x.shape[1], x.ndim)
             x = x * torch.sigmoid(_chan(self.v, x.ndim) * x)
         return torch.addcmul(_chan(self.bias, x.ndim), x, weight)
 
