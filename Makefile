@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_DATA)/train),)
 export NORMBENCH_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: run test test-all setup setup-dev bench clean
+.PHONY: run test test-all setup setup-dev bench reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# make reference PRESET=gn_fig1_cpu: a reference result in results/<preset>/ (lr tuned on a validation split,
+# 3 seeds; hours on 2 CPU cores, two one-thread jobs at a time); stopped, the same command resumes it
+REFERENCE_ARGS ?= hydra/launcher=local_parallel
+reference: setup
+	$(BIN)/python scripts/reference.py $(PRESET) $(REFERENCE_ARGS)
 
 # make bench [BENCH_OUT=results/bench/cpu2.md]: the throughput tables and targets (quiet machine: about 10 min on 2 CPU cores)
 bench: setup

@@ -266,7 +266,8 @@ class SweepSummary(Callback):
 
             try:
                 report_dir = Path(config.report_dir) if config.get("report_dir") else sweep_dir / "report"
-                written = report.write_report([str(sweep_dir)], report_dir, target_acc=config.target_acc)
+                written = report.write_report([str(sweep_dir)], report_dir, target_acc=config.target_acc,
+                                              select_best=config.get("select_best"))
                 print(written["table.md"].read_text())
                 print(f"report: {', '.join(str(p) for p in written.values())}")
             except UserError as e:

@@ -22,7 +22,7 @@ RESULTS_VERSION = 2
 
 # Keys that do not change what a run computes: where it writes, how it reports progress.
 NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
-                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "report_dir", "compile", "experiment", "device", "hydra",
+                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "report_dir", "select_best", "gap_every", "compile", "experiment", "device", "hydra",
                      "dist_timeout_s"}
 NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
 

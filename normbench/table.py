@@ -136,7 +136,7 @@ def aggregate(
         curves = load_curves(runs, keys)
     keyed = keyed_runs(runs)
     keyed["epochs_to_target"] = keyed["path"].map(epochs_to_target(curves, target_acc))
-    keyed["val_acc_for_selection"] = keyed["best_val_acc"].fillna(keyed["val_acc"])
+    keyed["val_acc_for_selection"] = _tuning_val_acc(keyed, settings)
 
     value_columns = [column for column in keyed.columns if column not in keys]
     table = (
@@ -153,6 +153,16 @@ def aggregate(
     table = sort_table(table, settings).reset_index(drop=True)
     table.attrs[SETTING_COLUMNS] = settings
     return table
+
+
+def _tuning_val_acc(keyed: pd.DataFrame, settings: list[str]) -> pd.Series:
+    """Each run's validation accuracy (its best epoch) as a vote for its lr, counted only for the
+    seeds run at every lr of its setting: when seeds are added at the chosen lr after tuning
+    (scripts/reference.py), every candidate is still compared on the same seeds, so the pick stays."""
+    val = keyed["best_val_acc"].fillna(keyed["val_acc"])
+    by_setting = keyed.groupby(setting_keys(settings), dropna=False)["lr"]
+    by_seed = keyed.groupby([*setting_keys(settings), "seed"], dropna=False)["lr"]
+    return val.where(by_seed.transform("nunique") == by_setting.transform("nunique"))
 
 
 def _fix_table_dtypes(table: pd.DataFrame) -> pd.DataFrame:
@@ -181,7 +191,8 @@ def _is_missing(value) -> bool:
 
 
 def _select_best_lr(table: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
-    """Keep, per setting, the base lr with the highest mean validation accuracy."""
+    """Keep, per setting, the base lr with the highest mean validation accuracy (over the seeds
+    that every candidate lr has: _tuning_val_acc)."""
     if table["val_acc_mean"].isna().all():
         raise UserError(NO_VAL_HINT)
     kept_rows = []

@@ -461,9 +461,12 @@ class Run:
         cfg, s, acc, recorder = self.cfg, self.state, self.state.acc, self.recorder
         gap = dict.fromkeys(summary.GAP_FIELDS)
         frozen = self.frozen_epoch(s.epoch)  # the epoch just trained: its population statistics stay as they are
+        # The gap's extra evaluation passes cost about as much as the headline one: every gap_every epochs and the last
+        measure_gap = (s.epoch + 1) % cfg.gap_every == 0 or s.epoch + 1 == cfg.epochs
         if self.eval_stats == "precise" and not frozen:
-            with self.rank0_buffers():  # the running estimates (ema), before PreciseBN replaces them
-                gap["gap_test_ema_acc"] = evaluate(self.model, self.test_batches, self.autocast)[1]
+            if measure_gap:
+                with self.rank0_buffers():  # the running estimates (ema), before PreciseBN replaces them
+                    gap["gap_test_ema_acc"] = evaluate(self.model, self.test_batches, self.autocast)[1]
             self.precise_bn()
         group = self.stat_group if self.eval_stats == "batch" else None
         with self.rank0_buffers():
@@ -473,21 +476,8 @@ class Run:
             if self.val_batches:
                 val_loss, val_acc = evaluate(self.model, self.val_group_batches if group else self.val_batches,
                                              self.autocast, group)
-            if self.batch_dependent:
-                if self.eval_stats == "batch":
-                    gap["gap_test_batchstats_acc"] = test_acc
-                    gap["gap_test_popstats_acc"] = gap["gap_test_ema_acc"] = evaluate(
-                        self.model, self.test_batches, self.autocast)[1]
-                else:
-                    gap["gap_test_popstats_acc"] = test_acc
-                    gap[f"gap_test_{self.eval_stats}_acc"] = test_acc
-                    gap["gap_test_batchstats_acc"] = evaluate(self.model, self.test_group_batches, self.autocast,
-                                                              self.stat_group)[1]
-            else:  # batch-independent: the same statistics either way
-                gap["gap_test_batchstats_acc"] = gap["gap_test_popstats_acc"] = test_acc
-            if self.train_slice_batches is not None:
-                gap["gap_train_batchstats_acc"] = evaluate(self.model, self.train_slice_batches, self.autocast,
-                                                           self.stat_group)[1]
+            if measure_gap:
+                gap.update(self.gap_accuracies(test_acc))
         s.epoch += 1
         loss_sum, correct, seen = reduce_over_ranks(acc["loss_sum"], acc["correct"], acc["seen"])
         seen = seen.item()
@@ -516,6 +506,28 @@ class Run:
         s.batch_in_epoch = 0
         acc.update({k: torch.zeros_like(acc[k]) for k in ("loss_sum", "correct", "seen")})
         self.save_checkpoint()
+
+    def gap_accuracies(self, test_acc: float) -> dict:
+        """The train/inference gap's accuracies beside the headline test accuracy (the model's
+        evaluation statistics): the test set with population and with mini-batch statistics, and the
+        training slice with mini-batch statistics; one extra pass each where they differ."""
+        gap = {}
+        if self.batch_dependent:
+            if self.eval_stats == "batch":
+                gap["gap_test_batchstats_acc"] = test_acc
+                gap["gap_test_popstats_acc"] = gap["gap_test_ema_acc"] = evaluate(
+                    self.model, self.test_batches, self.autocast)[1]
+            else:
+                gap["gap_test_popstats_acc"] = test_acc
+                gap[f"gap_test_{self.eval_stats}_acc"] = test_acc
+                gap["gap_test_batchstats_acc"] = evaluate(self.model, self.test_group_batches, self.autocast,
+                                                          self.stat_group)[1]
+        else:  # batch-independent: the same statistics either way
+            gap["gap_test_batchstats_acc"] = gap["gap_test_popstats_acc"] = test_acc
+        if self.train_slice_batches is not None:
+            gap["gap_train_batchstats_acc"] = evaluate(self.model, self.train_slice_batches, self.autocast,
+                                                       self.stat_group)[1]
+        return gap
 
     @property
     def global_batch(self) -> int:

@@ -57,7 +57,8 @@ def check_nonnegative_int(key: str, value) -> int:
 
 def check_choice(key: str, value, choices: tuple) -> None:
     if value not in choices:
-        shown = ", ".join("true" if c is True else "false" if c is False else str(c) for c in choices)
+        shown = ", ".join({True: "true", False: "false", None: "null"}.get(c, str(c)) if not isinstance(c, str) else c
+                          for c in choices)
         raise UserError(f"{key}={value!r} is not one of: {shown}")
 
 
@@ -155,6 +156,8 @@ def check_config(cfg) -> None:
                         "use at most the run's epochs")
     for key in ("stat_gap_every", "ckpt_every"):
         check_nonnegative_int(key, cfg[key] or 0)
+    check_positive_int("gap_every", cfg.gap_every)
+    check_choice("select_best", cfg.select_best, (None, "lr"))
     if cfg.threads is not None:
         check_positive_int("threads", cfg.threads)
     check_positive_int("dist_timeout_s", cfg.dist_timeout_s)

@@ -125,6 +125,20 @@ def test_three_errors_everywhere_for_a_tiny_real_run(make_cfg, tmp_path):
     assert (out / "train_eval_gap.png").exists()
 
 
+def test_gap_every_measures_the_gap_every_k_epochs_and_at_the_last(make_cfg, tmp_path):
+    cfg = make_cfg("norm=bn", "epochs=3", "norm.virtual_batch=2", "gap_train_images=40", "gap_every=2")
+    s = run_job(cfg)
+    rows = read_metrics(tmp_path / "runs" / cfg.run_name)
+    for key in ("gap_train_batchstats_acc", "gap_test_batchstats_acc", "gap_test_popstats_acc"):
+        assert [bool(row[key]) for row in rows] == [False, True, True], key  # epochs 2 and 3 (the last)
+        assert float(rows[-1][key]) == pytest.approx(s[key])
+    assert all(row["test_acc"] for row in rows)  # the headline evaluation stays every epoch
+    # the same run, the gap measured every epoch: the training itself is the same
+    every = run_job(make_cfg("norm=bn", "epochs=3", "norm.virtual_batch=2", "gap_train_images=40",
+                             out_dir=tmp_path / "every"))
+    assert every["test_acc"] == s["test_acc"] and every["gap_train_batchstats_acc"] == s["gap_train_batchstats_acc"]
+
+
 def test_gap_train_images_option(make_cfg, tmp_path):
     off = run_job(make_cfg("norm=bn", "gap_train_images=0"))
     assert off["gap_train_batchstats_acc"] is None

@@ -350,6 +350,23 @@ def test_select_best_lr_uses_validation_not_test(tmp_path, capsys):
     assert len(report.aggregate(report.collect_runs([runs_root]))) == 2
 
 
+def test_select_best_lr_compares_candidates_on_their_common_seeds(tmp_path):
+    """The reference protocol tunes at seed 0, then adds seeds at the pick: the pick must not move
+    when those seeds' validation accuracy comes in lower than seed 0's."""
+    runs_root = tmp_path / "runs"
+    make_run(runs_root, norm="gn", lr=0.1, seed=0, test_accs=[60.0, 70.0], val_accs=[60.0, 80.0])
+    make_run(runs_root, norm="gn", lr=0.2, seed=0, test_accs=[60.0, 69.0], val_accs=[60.0, 78.0])
+    for seed in (1, 2):
+        make_run(runs_root, norm="gn", lr=0.1, seed=seed, test_accs=[60.0, 66.0], val_accs=[60.0, 70.0])
+
+    table = report.aggregate(report.collect_runs([runs_root]), select_best="lr")
+
+    r = table.iloc[0]
+    assert r["lr_selected"] == pytest.approx(0.1) and r["n_completed"] == 3  # (80 + 70 + 70) / 3 < 78 on all seeds
+    assert r["val_acc_mean"] == pytest.approx(80.0)  # what the pick compared: seed 0
+    assert r["test_acc_mean"] == pytest.approx((70.0 + 66.0 + 66.0) / 3)  # the test accuracy of every seed
+
+
 def test_select_best_without_validation_exits_2(tmp_path, capsys):
     runs_root = tmp_path / "runs"
     make_grid(runs_root)

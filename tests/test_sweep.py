@@ -150,3 +150,53 @@ def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
             assert not vb or int(batch) % int(vb) == 0
     if preset.endswith("_cpu"):
         assert cfg.data.subset is not None  # reduced, but real data
+
+
+def test_sweep_report_honours_select_best_and_report_dir(tmp_path, capsys):
+    """The end-of-sweep report (report_at_end) with a preset's select_best and report_dir."""
+    from omegaconf import OmegaConf
+
+    from normbench.cli import SweepSummary
+    from tests.test_report import make_run
+
+    sweep_dir = tmp_path / "runs"
+    for lr, val in ((0.1, 70.0), (0.2, 75.0)):
+        make_run(sweep_dir, norm="gn", lr=lr, seed=0, test_accs=[50.0, 60.0], val_accs=[50.0, val])
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "report_at_end": True,
+                               "report_dir": str(tmp_path / "reference"), "select_best": "lr", "target_acc": 80.0})
+
+    SweepSummary().on_multirun_end(config)
+
+    table = pd.read_csv(tmp_path / "reference" / "table.csv")
+    assert len(table) == 1 and table["lr_selected"].iloc[0] == pytest.approx(0.2)
+    assert not (sweep_dir / "report").exists()
+    assert "lr (selected)" in capsys.readouterr().out
+
+
+def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_data, tmp_path, monkeypatch):
+    """scripts/reference.py: the preset's lr grid at seed 0, one more seed at each arm's pick
+    (by validation accuracy), the report over both seeds."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reference
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, rep = tmp_path / "runs", tmp_path / "report"
+    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=bn,gn",
+                 "norm.virtual_batch=2", "lr=0.1,0.3", "data.subset=null", "data.test_subset=null",
+                 "data.val_split=40", "gap_every=1"]
+
+    assert reference.main(["gn_fig1_cpu", "--seeds", "2", *overrides]) == 0
+
+    runs = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("summary.json")}
+    assert all(r["status"] == "completed" for r in runs.values())
+    table = pd.read_csv(rep / "table.csv")
+    assert sorted(table["norm"]) == ["bn", "gn"] and (table["n_completed"] == 2).all()
+    for arm in ("bn/bs8-vb2", "gn/bs8"):
+        val = {lr: runs[f"cnn/{arm}/lr{lr}/seed0"]["best_val_acc"] for lr in ("0.1", "0.3")}
+        with_seed1 = [lr for lr in val if f"cnn/{arm}/lr{lr}/seed1" in runs]
+        assert len(with_seed1) == 1 and val[with_seed1[0]] == max(val.values()), (arm, val)
+        picked = table[table["norm"] == arm.split("/")[0]]["lr_selected"].iloc[0]
+        assert f"{picked:g}" == with_seed1[0]
+    assert len(runs) == 6  # 2 arms x 2 lr at seed 0, and seed 1 at each pick

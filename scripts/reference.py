@@ -1,0 +1,141 @@
+"""The reference protocol for a preset: tune each arm's learning rate on the validation split,
+then train more seeds at the chosen rate, then write the report.
+
+    python scripts/reference.py gn_fig1_cpu [--seeds 3] [override ...]
+    make reference PRESET=gn_fig1_cpu          (two parallel one-thread jobs on this machine)
+
+1. Tuning: the preset's sweep as written (its lr grid and data.val_split) with seed 0.
+2. Seeds: each arm of the sweep (one combination of its parameters other than lr and seed) is
+   trained again with seeds 1 .. n-1 at its chosen lr: the one with the best validation
+   accuracy at seed 0, picked by the report's own rule (table.aggregate(select_best="lr")).
+3. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
+   accuracy, mean ± std and 95% CI over the seeds. Candidates are compared on seed 0 alone
+   there too (the seeds every candidate has), so the report picks what step 2 trained.
+
+Each step is `normbench` itself, which skips finished runs and resumes killed ones: a stopped
+protocol goes on where it stopped when the same command runs again. Overrides given here go to
+every step (e.g. hydra/launcher=local_parallel, threads=1, or norm=bn,gn to do part of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SWEPT_PER_ARM = ("lr", "seed")  # what varies inside one arm: the tuned rate and the seeds
+
+
+def normbench(*args: str) -> int:
+    """Run the normbench command (this interpreter's) and return its exit status."""
+    command = [sys.executable, "-m", "normbench", *args]
+    print("+ normbench " + " ".join(args), flush=True)
+    return subprocess.call(command)
+
+
+def compose(preset: str, overrides: list[str]):
+    """The preset's config with `overrides`, as the normbench command would compose one of its jobs."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import normbench.cli  # noqa: F401  (registers the run-name resolver)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"experiment={preset}", *overrides], return_hydra_config=True)
+
+
+def sweep_jobs(preset: str, extra: list[str]) -> list[list[str]]:
+    """Every job of `normbench experiment=<preset> <extra>`: the preset's sweep parameters with the
+    command line's on top, expanded exactly as Hydra's basic sweeper does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = compose(preset, []).hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + extra)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def arms_and_grid(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
+    """The sweep's arms (a job's overrides without lr and seed, in order, without repeats) and its lr grid."""
+    arms, grid = [], []
+    for job in jobs:
+        arm = [o for o in job if _key(o) not in SWEPT_PER_ARM]
+        if arm not in arms:
+            arms.append(arm)
+        grid += [o.split("=", 1)[1] for o in job if _key(o) == "lr" and o.split("=", 1)[1] not in grid]
+    return arms, grid
+
+
+def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
+    """The arm's lr with the best validation accuracy at seed 0 (None while no candidate finished)."""
+    from normbench.collect import collect_runs
+    from normbench.table import aggregate
+
+    run_dirs = []
+    for lr in grid or [None]:
+        cfg = compose(preset, [*arm, *([f"lr={lr}"] if lr else []), "seed=0"])
+        run_dirs.append(Path(cfg.out_dir) / cfg.run_name)
+    finished = [d for d in dict.fromkeys(run_dirs) if (d / "summary.json").exists()]
+    if not finished:
+        return None
+    table = aggregate(collect_runs(finished), select_best="lr")
+    if table.empty:
+        return None
+    return f"{float(table['lr_selected'].iloc[0]):g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="a conf/experiment/ preset with an lr grid and data.val_split")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm at its chosen lr (default 3)")
+    parser.add_argument("overrides", nargs="*", help="normbench overrides for every step")
+    args = parser.parse_intermixed_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    extra = [o for o in args.overrides if _key(o) != "seed"]
+
+    cfg = compose(args.preset, [o for o in extra if "," not in o])
+    if not cfg.data.get("val_split"):
+        print(f"error: experiment={args.preset} has no data.val_split to choose the lr on", file=sys.stderr)
+        return 2
+    failed = False
+    status = normbench(f"experiment={args.preset}", *extra, "seed=0", "report_at_end=false")
+    if status == 2:
+        return 2  # bad input: said in one line by normbench
+    failed |= status != 0
+
+    arms, grid = arms_and_grid(sweep_jobs(args.preset, extra))  # the overrides given here are in every arm
+    more_seeds = ",".join(str(s) for s in range(1, args.seeds))
+    done = set()
+    for arm in arms:
+        lr = chosen_lr(args.preset, arm, grid)
+        if lr is None:
+            print(f"skipping {' '.join(arm)}: none of its lr candidates finished", file=sys.stderr)
+            failed = True
+            continue
+        runs = compose(args.preset, [*arm, f"lr={lr}", "seed=0"]).run_name.rsplit("/seed", 1)[0]
+        if not more_seeds or runs in done:  # a batch-independent norm's arms share their runs
+            continue
+        done.add(runs)
+        failed |= normbench(f"experiment={args.preset}", *arm, f"lr={lr}", f"seed={more_seeds}",
+                            "report_at_end=false") != 0
+
+    from normbench.report import write_report
+
+    report_dir = Path(cfg.report_dir) if cfg.get("report_dir") else Path(cfg.out_dir) / "report"
+    written = write_report([cfg.out_dir], report_dir, target_acc=cfg.target_acc, select_best="lr")
+    print(written["table.md"].read_text())
+    print(f"report: {', '.join(str(p) for p in written.values())}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
