@@ -12,6 +12,9 @@ then train more seeds at the chosen rate, then write the report.
    accuracy, mean ± std and 95% CI over the seeds. Candidates are compared on seed 0 alone
    there too (the seeds every candidate has), so the report picks what step 2 trained.
 
+To commit what has finished (the runs' summary.json and metrics.csv, as .gitignore keeps them;
+not the files of a run still training):  git add $(python scripts/reference.py PRESET --finished)
+
 Each step is `normbench` itself, which skips finished runs and resumes killed ones: a stopped
 protocol goes on where it stopped when the same command runs again. Overrides given here go to
 every step (e.g. hydra/launcher=local_parallel, threads=1, or norm=bn,gn to do part of it).
@@ -91,11 +94,25 @@ def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
     return f"{float(table['lr_selected'].iloc[0]):g}"
 
 
+def finished_run_files(out_dir: Path) -> list[Path]:
+    """summary.json and metrics.csv of every finished run under out_dir (a later rerun skips them)."""
+    from normbench import summary
+
+    files = []
+    for path in sorted(out_dir.rglob(summary.SUMMARY_NAME)):
+        record = summary.read(path.parent)
+        if record and record["status"] in summary.FINISHED:
+            files += [path, *[p for p in [path.parent / "metrics.csv"] if p.exists()]]
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", help="a conf/experiment/ preset with an lr grid and data.val_split")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm at its chosen lr (default 3)")
+    parser.add_argument("--finished", action="store_true",
+                        help="only list the committable files of the preset's finished runs, one per line")
     parser.add_argument("overrides", nargs="*", help="normbench overrides for every step")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
@@ -103,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = [o for o in args.overrides if _key(o) != "seed"]
 
     cfg = compose(args.preset, [o for o in extra if "," not in o])
+    if args.finished:
+        print("\n".join(str(p) for p in finished_run_files(Path(cfg.out_dir))))
+        return 0
     if not cfg.data.get("val_split"):
         print(f"error: experiment={args.preset} has no data.val_split to choose the lr on", file=sys.stderr)
         return 2

@@ -173,7 +173,7 @@ def test_sweep_report_honours_select_best_and_report_dir(tmp_path, capsys):
     assert "lr (selected)" in capsys.readouterr().out
 
 
-def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_data, tmp_path, monkeypatch):
+def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_data, tmp_path, monkeypatch, capsys):
     """scripts/reference.py: the preset's lr grid at seed 0, one more seed at each arm's pick
     (by validation accuracy), the report over both seeds."""
     import sys
@@ -200,3 +200,11 @@ def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_dat
         picked = table[table["norm"] == arm.split("/")[0]]["lr_selected"].iloc[0]
         assert f"{picked:g}" == with_seed1[0]
     assert len(runs) == 6  # 2 arms x 2 lr at seed 0, and seed 1 at each pick
+
+    # what to commit: the finished runs' summary.json and metrics.csv, not a run still in progress
+    (out / "cnn/gn/bs8/lr0.1/seed7").mkdir(parents=True)
+    (out / "cnn/gn/bs8/lr0.1/seed7/metrics.csv").write_text("epoch\n1\n")
+    capsys.readouterr()
+    assert reference.main(["gn_fig1_cpu", "--finished", f"out_dir={out}"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert sorted(listed) == sorted(str(out / run / name) for run in runs for name in ("summary.json", "metrics.csv"))
