@@ -79,8 +79,9 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
-    """No test reads the user's cache or tries a download."""
+    """No test reads the user's cache, tries a download or sees the machine's other training runs."""
     monkeypatch.setenv("NORMBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # the registry of training processes
     monkeypatch.setenv("NORMBENCH_NO_DOWNLOAD", "1")
     torch.set_num_threads(1)
 

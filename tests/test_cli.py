@@ -42,9 +42,9 @@ def refused(tiny_data, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "hydra_entry", hydra_started)
 
-    def refused(*overrides):
+    def refused(*overrides, data_root=None):
         with pytest.raises(SystemExit) as exit_:
-            cli.main([*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}", *overrides])
+            cli.main([*TINY_OVERRIDES, f"data.root={data_root or tiny_data}", f"out_dir={tmp_path / 'runs'}", *overrides])
         captured = capsys.readouterr()
         return subprocess.CompletedProcess([], exit_.value.code, captured.out, captured.err)
 
@@ -95,13 +95,13 @@ def test_subset_larger_than_the_data(run):
     assert_one_line_error(run("data.subset=100000"), "data.subset=100000", "160")
 
 
-def test_missing_data_root(run, tmp_path):
-    assert_one_line_error(run(data_root=tmp_path / "nowhere"), "CIFAR-10 not found", "NORMBENCH_DATA")
+def test_missing_data_root(refused, tmp_path):
+    assert_one_line_error(refused(data_root=tmp_path / "nowhere"), "CIFAR-10 not found", "NORMBENCH_DATA")
 
 
-def test_empty_data_root(run, tmp_path):
+def test_empty_data_root(refused, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run(data_root=tmp_path / "empty"), "CIFAR-10 not found")
+    assert_one_line_error(refused(data_root=tmp_path / "empty"), "CIFAR-10 not found")
 
 
 def test_unreadable_images(run, tmp_path):
@@ -124,10 +124,10 @@ def test_wrong_class_layout(run, tmp_path):
     assert_one_line_error(run(data_root=root), "class layout")
 
 
-def test_output_folder_not_writable(run, tmp_path):
+def test_output_folder_not_writable(refused, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert_one_line_error(run(f"out_dir={blocker}/runs"), "cannot be written", "out_dir")
+    assert_one_line_error(refused(f"out_dir={blocker}/runs"), "cannot be written", "out_dir")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -135,8 +135,8 @@ def test_cuda_without_gpu(run):
     assert_one_line_error(run("device=cuda"), "device=cuda", "no CUDA GPU")
 
 
-def test_placement_after_needs_cnn(run):
-    assert_one_line_error(run("model=resnet20", "model.placement=after"), "placement", "cnn")
+def test_placement_after_needs_cnn(refused):
+    assert_one_line_error(refused("model=resnet20", "model.placement=after"), "placement", "cnn")
 
 
 def test_debug_shows_the_traceback(run):
@@ -158,17 +158,17 @@ def test_unknown_nested_key_names_the_closest_known_key(refused):
     assert_one_line_error(refused("data.subsett=100"), "unknown key 'data.subsett'; did you mean 'data.subset'")
 
 
-def test_option_of_another_norm_names_the_chosen_norms_options(run):
-    assert_one_line_error(run("norm=bn", "norm.groups=4"), "unknown key 'norm.groups'", "norm bn has:", "momentum",
+def test_option_of_another_norm_names_the_chosen_norms_options(refused):
+    assert_one_line_error(refused("norm=bn", "norm.groups=4"), "unknown key 'norm.groups'", "norm bn has:", "momentum",
                           "gn")
 
 
-def test_plus_on_a_known_key(run):
-    assert_one_line_error(run("+epochs=1"), "'epochs' is already in the config", "(epochs=1)")
+def test_plus_on_a_known_key(refused):
+    assert_one_line_error(refused("+epochs=1"), "'epochs' is already in the config", "(epochs=1)")
 
 
-def test_removing_a_key(run):
-    assert_one_line_error(run("~data.subset"), "cannot remove 'data.subset'", "data.subset=null")
+def test_removing_a_key(refused):
+    assert_one_line_error(refused("~data.subset"), "cannot remove 'data.subset'", "data.subset=null")
 
 
 def test_plus_still_adds_to_hydras_own_config(run, tmp_path):
@@ -181,13 +181,13 @@ def test_plus_still_adds_to_hydras_own_config(run, tmp_path):
 # --------------------------------------------------------------------------- checked before anything is created (10.4, 10.5)
 
 
-def test_bad_virtual_batch_creates_nothing(run, tmp_path):
-    assert_one_line_error(run("norm=bn", "norm.virtual_batch=3"), "norm.virtual_batch=3", "batch_size=8")
+def test_bad_virtual_batch_creates_nothing(refused, tmp_path):
+    assert_one_line_error(refused("norm=bn", "norm.virtual_batch=3"), "norm.virtual_batch=3", "batch_size=8")
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_data_creates_nothing(run, tmp_path):
-    assert_one_line_error(run(data_root=tmp_path / "nowhere"), "CIFAR-10 not found")
+def test_missing_data_creates_nothing(refused, tmp_path):
+    assert_one_line_error(refused(data_root=tmp_path / "nowhere"), "CIFAR-10 not found")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "nowhere").exists()
 
 
@@ -203,8 +203,8 @@ def test_failed_download_to_the_default_root_creates_nothing(tmp_path):
     assert list(work.iterdir()) == [] and not (tmp_path / "cache").exists()
 
 
-def test_sweep_with_one_bad_value_stops_before_its_first_run(run, tmp_path):
-    result = run("-m", "batch_size=8,6", "norm.virtual_batch=4")
+def test_sweep_with_one_bad_value_stops_before_its_first_run(refused, tmp_path):
+    result = refused("-m", "batch_size=8,6", "norm.virtual_batch=4")
     assert_one_line_error(result, "norm.virtual_batch=4 does not divide batch_size=6")
     assert not (tmp_path / "runs").exists()
 
@@ -217,22 +217,22 @@ def test_preset_sweep_is_checked_before_its_first_run(tiny_data, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_every_value_of_a_sweep_function_is_checked(run, tmp_path):
-    result = run("-m", "batch_size=choice(8,0)")
+def test_every_value_of_a_sweep_function_is_checked(refused, tmp_path):
+    result = refused("-m", "batch_size=choice(8,0)")
     assert_one_line_error(result, "batch_size=0", "positive")
     assert not (tmp_path / "runs").exists()
 
 
-def test_several_values_need_multirun(run, tmp_path):
-    assert_one_line_error(run("norm=bn,gn"), "norm=bn,gn gives several values", "-m")
+def test_several_values_need_multirun(refused, tmp_path):
+    assert_one_line_error(refused("norm=bn,gn"), "norm=bn,gn gives several values", "-m")
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("flags, key", [([], "hydra.run.dir"), (["-m"], "hydra.sweep.dir")])
-def test_hydra_output_folder_under_a_file(run, tmp_path, flags, key):
+def test_hydra_output_folder_under_a_file(refused, tmp_path, flags, key):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert_one_line_error(run(*flags, f"{key}={blocker}/out"), "cannot be written", f"set {key}=")
+    assert_one_line_error(refused(*flags, f"{key}={blocker}/out"), "cannot be written", f"set {key}=")
 
 
 def test_report_on_path_without_runs(tmp_path):
