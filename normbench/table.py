@@ -379,7 +379,8 @@ def table_title(table: pd.DataFrame, target_acc: float) -> str:
         f"{n_diverged} diverged); epochs to {target_acc:g}% = first epoch reaching it"
     )
     if "lr_selected" in table.columns:
-        title += "; lr selected per row by mean validation accuracy"
+        title += ("; lr selected per row by mean validation accuracy over the seeds every candidate lr has"
+                  " (val acc), test accuracy over all seeds at that lr")
     return title
 
 
