@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from normbench.errors import UserError
+
 REPO = Path(__file__).resolve().parent.parent
 SWEPT_PER_ARM = ("lr", "seed")  # what varies inside one arm: the tuned rate and the seeds
 
@@ -94,6 +96,18 @@ def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
     return f"{float(table['lr_selected'].iloc[0]):g}"
 
 
+def checked_config(preset: str, extra: list[str]):
+    """The preset's config with the fixed overrides, once every run it asks for is valid input
+    (normbench's own checks) and it has a validation split to pick the lr on; else UserError."""
+    from normbench import validate
+
+    validate.check_group_choice("experiment", preset)
+    if not compose(preset, []).data.get("val_split") and not any(_key(o) == "data.val_split" for o in extra):
+        raise UserError(f"experiment={preset} has no data.val_split to pick the lr on; set one (e.g. data.val_split=2000)")
+    validate.check_command_line([f"experiment={preset}", *extra], multirun=True)
+    return compose(preset, [o for o in extra if "," not in o])
+
+
 def finished_run_files(out_dir: Path) -> list[Path]:
     """summary.json and metrics.csv of every finished run under out_dir (a later rerun skips them)."""
     from normbench import summary
@@ -119,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be at least 1")
     extra = [o for o in args.overrides if _key(o) != "seed"]
 
-    cfg = compose(args.preset, [o for o in extra if "," not in o])
+    try:
+        cfg = checked_config(args.preset, extra)
+    except UserError as e:
+        print(f"reference.py: error: {e}", file=sys.stderr)
+        return 2
     if args.finished:
         print("\n".join(str(p) for p in finished_run_files(Path(cfg.out_dir))))
         return 0
-    if not cfg.data.get("val_split"):
-        print(f"error: experiment={args.preset} has no data.val_split to choose the lr on", file=sys.stderr)
-        return 2
     failed = False
     status = normbench(f"experiment={args.preset}", *extra, "seed=0", "report_at_end=false")
     if status == 2:

@@ -208,3 +208,20 @@ def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_dat
     assert reference.main(["gn_fig1_cpu", "--finished", f"out_dir={out}"]) == 0
     listed = capsys.readouterr().out.split()
     assert sorted(listed) == sorted(str(out / run / name) for run in runs for name in ("summary.json", "metrics.csv"))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["quik"], "unknown experiment 'quik'"),
+    (["train_eval_gap_cpu"], "has no data.val_split"),
+    (["gn_fig1_cpu", "norm=bn,batchnorm"], "unknown norm 'batchnorm'"),
+])
+def test_reference_protocol_refuses_bad_input_in_one_line(tiny_data, tmp_path, capsys, args, fragment):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reference
+
+    assert reference.main([*args, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "runs").exists()
