@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from normbench import validate
 from normbench.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,8 +100,6 @@ def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
 def checked_config(preset: str, extra: list[str]):
     """The preset's config with the fixed overrides, once every run it asks for is valid input
     (normbench's own checks) and it has a validation split to pick the lr on; else UserError."""
-    from normbench import validate
-
     validate.check_group_choice("experiment", preset)
     if not compose(preset, []).data.get("val_split") and not any(_key(o) == "data.val_split" for o in extra):
         raise UserError(f"experiment={preset} has no data.val_split to pick the lr on; set one (e.g. data.val_split=2000)")
@@ -134,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     extra = [o for o in args.overrides if _key(o) != "seed"]
 
     try:
+        if args.finished:  # a listing: no data needed
+            validate.check_group_choice("experiment", args.preset)
+            out_dir = compose(args.preset, [o for o in extra if "," not in o]).out_dir
+            print("\n".join(str(p) for p in finished_run_files(Path(out_dir))))
+            return 0
         cfg = checked_config(args.preset, extra)
     except UserError as e:
         print(f"reference.py: error: {e}", file=sys.stderr)
         return 2
-    if args.finished:
-        print("\n".join(str(p) for p in finished_run_files(Path(cfg.out_dir))))
-        return 0
     failed = False
     status = normbench(f"experiment={args.preset}", *extra, "seed=0", "report_at_end=false")
     if status == 2:
