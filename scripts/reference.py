@@ -4,13 +4,16 @@ then train more seeds at the chosen rate, then write the report.
     python scripts/reference.py gn_fig1_cpu [--seeds 3] [override ...]
     make reference PRESET=gn_fig1_cpu          (two parallel one-thread jobs on this machine)
 
-1. Tuning: the preset's sweep as written (its lr grid and data.val_split) with seed 0.
-2. Seeds: each arm of the sweep (one combination of its parameters other than lr and seed) is
-   trained again with seeds 1 .. n-1 at its chosen lr: the one with the best validation
-   accuracy at seed 0, picked by the report's own rule (table.aggregate(select_best="lr")).
-3. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
+1. Tuning: the preset's sweep as written (its lr grid and data.val_split) with seed 0. Each arm
+   of the sweep (one combination of its parameters other than lr and seed) picks the lr with the
+   best validation accuracy, by the report's own rule (table.aggregate(select_best="lr")).
+2. An arm whose pick is at the edge of the grid (the best rate may lie beyond it) trains one more
+   lr past that edge, a grid step further (0.2 -> 0.4; 0.05 -> 0.025), and picks again; at most
+   --extend times.
+3. Seeds: each arm is trained again with seeds 1 .. n-1 at its pick.
+4. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
    accuracy, mean ± std and 95% CI over the seeds. Candidates are compared on seed 0 alone
-   there too (the seeds every candidate has), so the report picks what step 2 trained.
+   there too (the seeds every candidate has), so the report picks what step 3 trained.
 
 To commit what has finished (the runs' summary.json and metrics.csv, as .gitignore keeps them;
 not the files of a run still training):  git add $(python scripts/reference.py PRESET --finished)
@@ -97,6 +100,55 @@ def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
     return f"{float(table['lr_selected'].iloc[0]):g}"
 
 
+def distinct_arms(preset: str, arms: list[list[str]], grid: list[str]) -> list[list[str]]:
+    """The arms that train different runs (a batch-independent norm's arms at every virtual batch are one)."""
+    kept, seen = [], set()
+    for arm in arms:
+        runs = compose(preset, [*arm, *([f"lr={grid[0]}"] if grid else []), "seed=0"]).run_name.rsplit("/lr", 1)[0]
+        if runs not in seen:
+            seen.add(runs)
+            kept.append(arm)
+    return kept
+
+
+def grid_ratio(grid: list[str]) -> float | None:
+    """The step of a geometric lr grid (0.05, 0.1, 0.2: 2); None for fewer than two values."""
+    values = sorted(float(v) for v in grid)
+    return values[1] / values[0] if len(values) > 1 and values[0] > 0 else None
+
+
+def beyond_edge(pick: str | None, candidates: list[str], ratio: float | None) -> str | None:
+    """The next lr past the edge of `candidates` if `pick` is at that edge (the best rate may lie
+    outside the grid), else None."""
+    if pick is None or ratio is None:
+        return None
+    values = [float(v) for v in candidates]
+    if float(pick) == max(values):
+        return f"{max(values) * ratio:g}"
+    if float(pick) == min(values):
+        return f"{min(values) / ratio:g}"
+    return None
+
+
+def grouped(items: list[tuple[list[str], list[str]]]) -> list[list[str]]:
+    """Launch overrides for (arm, overrides) items, one launch per group of arms that differ only in
+    the last key in which the arms differ (e.g. one bn launch for every virtual batch at lr 0.4), so
+    a launch has several jobs for the parallel launcher to share out."""
+    if not items:
+        return []
+    values = {}
+    for arm, _ in items:
+        for o in arm:
+            values.setdefault(_key(o), set()).add(o)
+    varying = [k for k, v in values.items() if len(v) > 1]
+    last = varying[-1] if varying else None
+    groups: dict[tuple, list[str]] = {}
+    for arm, tail in items:
+        rest = tuple(o for o in arm if _key(o) != last)
+        groups.setdefault((rest, tuple(tail)), []).extend(o.split("=", 1)[1] for o in arm if _key(o) == last)
+    return [[*rest, *([f"{last}={','.join(vals)}"] if vals else []), *tail] for (rest, tail), vals in groups.items()]
+
+
 def checked_config(preset: str, extra: list[str]):
     """The preset's config with the fixed overrides, once every run it asks for is valid input
     (normbench's own checks) and it has a validation split to pick the lr on; else UserError."""
@@ -124,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", help="a conf/experiment/ preset with an lr grid and data.val_split")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm at its chosen lr (default 3)")
+    parser.add_argument("--extend", type=int, default=2,
+                        help="times an arm whose pick is at the edge of the lr grid gets one more lr beyond it (default 2)")
     parser.add_argument("--finished", action="store_true",
                         help="only list the committable files of the preset's finished runs, one per line")
     parser.add_argument("overrides", nargs="*", help="normbench overrides for every step")
@@ -149,20 +203,27 @@ def main(argv: list[str] | None = None) -> int:
     failed |= status != 0
 
     arms, grid = arms_and_grid(sweep_jobs(args.preset, extra))  # the overrides given here are in every arm
-    more_seeds = ",".join(str(s) for s in range(1, args.seeds))
-    done = set()
-    for arm in arms:
-        lr = chosen_lr(args.preset, arm, grid)
-        if lr is None:
+    arms = distinct_arms(args.preset, arms, grid)
+    ratio = grid_ratio(grid)
+    candidates = [list(grid) for _ in arms]
+    picks = [chosen_lr(args.preset, arm, grid) for arm in arms]
+    for _ in range(args.extend):  # a pick at the grid's edge: one more lr beyond it, for that arm
+        beyond = [beyond_edge(pick, lrs, ratio) for pick, lrs in zip(picks, candidates)]
+        if not any(beyond):
+            break
+        for lrs, lr in zip(candidates, beyond):
+            lrs += [lr] if lr else []
+        for launch in grouped([(arm, [f"lr={lr}", "seed=0"]) for arm, lr in zip(arms, beyond) if lr]):
+            failed |= normbench(f"experiment={args.preset}", *launch, "report_at_end=false") != 0
+        picks = [chosen_lr(args.preset, arm, lrs) for arm, lrs in zip(arms, candidates)]
+    for arm, pick in zip(arms, picks):
+        if pick is None:
             print(f"skipping {' '.join(arm)}: none of its lr candidates finished", file=sys.stderr)
             failed = True
-            continue
-        runs = compose(args.preset, [*arm, f"lr={lr}", "seed=0"]).run_name.rsplit("/seed", 1)[0]
-        if not more_seeds or runs in done:  # a batch-independent norm's arms share their runs
-            continue
-        done.add(runs)
-        failed |= normbench(f"experiment={args.preset}", *arm, f"lr={lr}", f"seed={more_seeds}",
-                            "report_at_end=false") != 0
+    more_seeds = ",".join(str(s) for s in range(1, args.seeds))
+    if more_seeds:
+        for launch in grouped([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick]):
+            failed |= normbench(f"experiment={args.preset}", *launch, "report_at_end=false") != 0
 
     from normbench.report import write_report
 
