@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # 19 s of make test's 10 minutes; make bench runs the whole script
 def test_bench_writes_per_norm_and_virtual_tables(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
