@@ -265,11 +265,7 @@ class SweepSummary(Callback):
             from normbench import report
 
             try:
-                report_dir = Path(config.report_dir) if config.get("report_dir") else sweep_dir / "report"
-                written = report.write_report([str(sweep_dir)], report_dir, target_acc=config.target_acc,
-                                              select_best=config.get("select_best"))
-                print(written["table.md"].read_text())
-                print(f"report: {', '.join(str(p) for p in written.values())}")
+                report.write_sweep_report(sweep_dir, config, config.get("select_best"))
             except UserError as e:
                 print(f"no report: {e}", file=sys.stderr)
         print(f"curves: tensorboard --logdir {sweep_dir}")

@@ -128,6 +128,14 @@ def write_report(
     return written
 
 
+def write_sweep_report(sweep_dir: str | os.PathLike, config, select_best: str | None) -> None:
+    """A sweep's report as its config asks for it (report_dir, else <sweep dir>/report; target_acc):
+    written, its table printed. Raises UserError if there is nothing to report."""
+    written = write_report([str(sweep_dir)], config.get("report_dir"), config.target_acc, select_best)
+    print(written["table.md"].read_text())
+    print(f"report: {', '.join(str(p) for p in written.values())}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -55,10 +55,16 @@ def check_nonnegative_int(key: str, value) -> int:
     return number
 
 
+def _as_yaml(value) -> str:
+    """A choice as it is written on the command line: true, false, null, or the value."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_choice(key: str, value, choices: tuple) -> None:
     if value not in choices:
-        shown = ", ".join({True: "true", False: "false", None: "null"}.get(c, str(c)) if not isinstance(c, str) else c
-                          for c in choices)
+        shown = ", ".join(_as_yaml(c) for c in choices)
         raise UserError(f"{key}={value!r} is not one of: {shown}")
 
 

@@ -82,15 +82,18 @@ def arms_and_grid(jobs: list[list[str]]) -> tuple[list[list[str]], list[str]]:
     return arms, grid
 
 
+def run_dir(preset: str, arm: list[str], lr: str | None, seed: int = 0) -> Path:
+    """The folder of the arm's run at `lr` (None: the config's) and `seed`."""
+    cfg = compose(preset, [*arm, *([f"lr={lr}"] if lr else []), f"seed={seed}"])
+    return Path(cfg.out_dir) / cfg.run_name
+
+
 def chosen_lr(preset: str, arm: list[str], grid: list[str]) -> str | None:
     """The arm's lr with the best validation accuracy at seed 0 (None while no candidate finished)."""
     from normbench.collect import collect_runs
     from normbench.table import aggregate
 
-    run_dirs = []
-    for lr in grid or [None]:
-        cfg = compose(preset, [*arm, *([f"lr={lr}"] if lr else []), "seed=0"])
-        run_dirs.append(Path(cfg.out_dir) / cfg.run_name)
+    run_dirs = [run_dir(preset, arm, lr) for lr in grid or [None]]
     finished = [d for d in dict.fromkeys(run_dirs) if (d / "summary.json").exists()]
     if not finished:
         return None
@@ -104,7 +107,7 @@ def distinct_arms(preset: str, arms: list[list[str]], grid: list[str]) -> list[l
     """The arms that train different runs (a batch-independent norm's arms at every virtual batch are one)."""
     kept, seen = [], set()
     for arm in arms:
-        runs = compose(preset, [*arm, *([f"lr={grid[0]}"] if grid else []), "seed=0"]).run_name.rsplit("/lr", 1)[0]
+        runs = str(run_dir(preset, arm, grid[0] if grid else None)).rsplit("/lr", 1)[0]
         if runs not in seen:
             seen.add(runs)
             kept.append(arm)
@@ -225,12 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         for launch in grouped([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick]):
             failed |= normbench(f"experiment={args.preset}", *launch, "report_at_end=false") != 0
 
-    from normbench.report import write_report
+    from normbench.report import write_sweep_report
 
-    report_dir = Path(cfg.report_dir) if cfg.get("report_dir") else Path(cfg.out_dir) / "report"
-    written = write_report([cfg.out_dir], report_dir, target_acc=cfg.target_acc, select_best="lr")
-    print(written["table.md"].read_text())
-    print(f"report: {', '.join(str(p) for p in written.values())}")
+    write_sweep_report(cfg.out_dir, cfg, select_best="lr")
     return 1 if failed else 0
 
 
