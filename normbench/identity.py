@@ -26,6 +26,9 @@ NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log
                      "dist_timeout_s"}
 NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
 
+# Keys that the report can choose per setting by validation accuracy (--select-best, select_best=).
+SELECTABLE_KEYS = ("lr",)
+
 
 def effective_lr(cfg: DictConfig) -> float:
     """The learning rate the optimizer really uses (the base lr scaled with the global batch)."""

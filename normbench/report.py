@@ -24,7 +24,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from normbench import atomic
+from normbench import atomic, identity
 from normbench.collect import (  # noqa: F401  (the library interface of the report)
     PROG,
     CorruptRun,
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: <first PATH>/report)")
     parser.add_argument("--target-acc", type=float, default=80.0,
                         help="test accuracy (%%) for the 'epochs to target' column (default 80)")
-    parser.add_argument("--select-best", choices=["lr"], default=None,
+    parser.add_argument("--select-best", choices=identity.SELECTABLE_KEYS, default=None,
                         help="keep, per setting, the base lr with the best mean validation accuracy")
     return parser
 

@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 import pandas as pd
 
-from normbench import summary
+from normbench import identity, summary
 from normbench.collect import UNKNOWN, epochs_to_target, keyed_runs, load_curves, setting_columns, warn
 from normbench.errors import UserError
 
@@ -128,8 +128,8 @@ def aggregate(
     completed seeds) and friends; `lr` is the base rate, `lr_effective` the rate used. With
     select_best="lr" only the base lr with the highest mean validation accuracy of each setting
     is kept (column `lr_selected`, plus `lr_candidates`). Numeric columns; see format_table."""
-    if select_best not in (None, "lr"):
-        raise UserError(f"--select-best supports only 'lr', not {select_best!r}")
+    if select_best not in (None, *identity.SELECTABLE_KEYS):
+        raise UserError(f"--select-best supports only {', '.join(identity.SELECTABLE_KEYS)}, not {select_best!r}")
     settings = setting_columns(runs)
     keys = row_keys(settings)
     if curves is None:

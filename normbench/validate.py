@@ -163,7 +163,7 @@ def check_config(cfg) -> None:
     for key in ("stat_gap_every", "ckpt_every"):
         check_nonnegative_int(key, cfg[key] or 0)
     check_positive_int("gap_every", cfg.gap_every)
-    check_choice("select_best", cfg.select_best, (None, "lr"))
+    check_choice("select_best", cfg.select_best, (None, *identity.SELECTABLE_KEYS))
     if cfg.threads is not None:
         check_positive_int("threads", cfg.threads)
     check_positive_int("dist_timeout_s", cfg.dist_timeout_s)

@@ -20,7 +20,8 @@ not the files of a run still training):  git add $(python scripts/reference.py P
 
 Each step is `normbench` itself, which skips finished runs and resumes killed ones: a stopped
 protocol goes on where it stopped when the same command runs again. Overrides given here go to
-every step (e.g. hydra/launcher=local_parallel, threads=1, or norm=bn,gn to do part of it).
+every step (e.g. hydra/launcher=local_parallel, threads=1, or norm=bn,gn to do part of it),
+except seed=: the protocol owns the seeds (--seeds), so a seed override is dropped.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times an arm whose pick is at the edge of the lr grid gets one more lr beyond it (default 2)")
     parser.add_argument("--finished", action="store_true",
                         help="only list the committable files of the preset's finished runs, one per line")
-    parser.add_argument("overrides", nargs="*", help="normbench overrides for every step")
+    parser.add_argument("overrides", nargs="*",
+                        help="normbench overrides for every step (a seed= override is dropped: see --seeds)")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")

@@ -83,6 +83,8 @@ def refused(tiny_data, tmp_path, monkeypatch, capsys):
         (["gap_train_images=-1"], ["gap_train_images=-1"]),
         (["freeze_stats_epochs=2"], ["freeze_stats_epochs=2", "epochs=1"]),
         (["norm.precise_stats=4"], ["unknown key 'norm.precise_stats'"]),
+        (["select_best=acc"], ["select_best='acc'", "lr"]),
+        (["gap_every=0"], ["gap_every=0", "positive"]),
     ],
 )
 def test_bad_config_values(refused, tmp_path, overrides, fragments):
