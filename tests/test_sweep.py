@@ -229,3 +229,30 @@ def test_reference_protocol_refuses_bad_input_in_one_line(tiny_data, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_reference_launches_cover_exactly_the_arms_in_few_launches():
+    """The protocol's launches: each a product of override values that is exactly a set of the
+    arms asked for (no run more, none less), arms differing in any one key sharing a launch."""
+    import itertools
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reference
+
+    def arm(norm, vb, lr):
+        return [f"norm={norm}", f"norm.virtual_batch={vb}"], [f"lr={lr}", "seed=0"]
+
+    items = [arm("bn", 4, 0.4), arm("bn", 2, 0.4), arm("brn", 32, 0.4), arm("brn", 2, 0.4),
+             arm("gn", 32, 0.025), arm("ln", 32, 0.025), arm("none", 32, 0.025), arm("in", 32, 0.4)]
+    launches = reference.grouped(items)
+
+    def jobs(launch):
+        options = [[f"{o.split('=')[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in launch]
+        return {tuple(job) for job in itertools.product(*options)}
+
+    covered = [job for launch in launches for job in jobs(launch)]
+    assert sorted(covered) == sorted(tuple(a + t) for a, t in items)  # every arm once, nothing else
+    assert ["norm=gn,ln,none", "norm.virtual_batch=32", "lr=0.025", "seed=0"] in launches
+    assert ["norm=bn", "norm.virtual_batch=4,2", "lr=0.4", "seed=0"] in launches
+    assert len(launches) == 4
