@@ -676,3 +676,21 @@ def test_batch_independent_norms_are_flat_lines_in_an_emulated_per_device_sweep(
     assert len(gn.get_xdata()) == 2 and set(gn.get_ydata()) == {50.0}
     bn = next(line for label, line in lines.items() if label.startswith("bn"))
     assert sorted(bn.get_ydata()) == [40.0, 60.0]
+
+
+COMMITTED_TABLES = sorted(p.parent for p in (REPO_ROOT / "results").glob("*/table.csv") if (p.parent / "runs").is_dir())
+
+
+@pytest.mark.parametrize("folder", COMMITTED_TABLES, ids=lambda p: p.name)
+def test_committed_tables_regenerate_exactly_from_the_committed_run_files(folder, tmp_path, capsys):
+    """results/<x>/table.* is what normbench-report makes of results/<x>/runs (summary.json and
+    metrics.csv, all that is committed of a run); a reference table is the --select-best lr report."""
+    select = ["--select-best", "lr"] if "lr_selected" in (folder / "table.csv").read_text().splitlines()[0] else []
+    assert report.main([str(folder / "runs"), "--out", str(tmp_path), *select]) == 0
+    for name in ("table.csv", "table.md", "table.tex"):
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), f"{folder.name}/{name}"
+
+
+def test_every_committed_table_has_its_run_files():
+    tables = {p.parent.name for p in (REPO_ROOT / "results").glob("*/table.csv")}
+    assert tables and tables == {p.name for p in COMMITTED_TABLES}
