@@ -129,7 +129,7 @@ def aggregate(
     select_best="lr" only the base lr with the highest mean validation accuracy of each setting
     is kept (column `lr_selected`, plus `lr_candidates`). Numeric columns; see format_table."""
     if select_best not in (None, *identity.SELECTABLE_KEYS):
-        raise UserError(f"--select-best supports only {', '.join(identity.SELECTABLE_KEYS)}, not {select_best!r}")
+        raise UserError(f"--select-best supports only {', '.join(map(repr, identity.SELECTABLE_KEYS))}, not {select_best!r}")
     settings = setting_columns(runs)
     keys = row_keys(settings)
     if curves is None:

@@ -173,13 +173,21 @@ def test_sweep_report_honours_select_best_and_report_dir(tmp_path, capsys):
     assert "lr (selected)" in capsys.readouterr().out
 
 
+def reference_script():
+    """scripts/reference.py as a module (scripts/ is not a package)."""
+    import importlib
+    import sys
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("reference")
+
+
 def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_data, tmp_path, monkeypatch, capsys):
     """scripts/reference.py: the preset's lr grid at seed 0, one more seed at each arm's pick
     (by validation accuracy), the report over both seeds."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import reference
+    reference = reference_script()
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, rep = tmp_path / "runs", tmp_path / "report"
@@ -220,10 +228,7 @@ def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_dat
     (["gn_fig1_cpu", "norm=bn,batchnorm"], "unknown norm 'batchnorm'"),
 ])
 def test_reference_protocol_refuses_bad_input_in_one_line(tiny_data, tmp_path, capsys, args, fragment):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import reference
+    reference = reference_script()
 
     assert reference.main([*args, f"data.root={tiny_data}", f"out_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -235,10 +240,8 @@ def test_reference_launches_cover_exactly_the_arms_in_few_launches():
     """The protocol's launches: each a product of override values that is exactly a set of the
     arms asked for (no run more, none less), arms differing in any one key sharing a launch."""
     import itertools
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import reference
+    reference = reference_script()
 
     def arm(norm, vb, lr):
         return [f"norm={norm}", f"norm.virtual_batch={vb}"], [f"lr={lr}", "seed=0"]
