@@ -24,11 +24,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/normbench experiment=quick
 
+# one test process per core (pytest-xdist); each test's torch runs on one thread (tests/conftest.py)
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow"
 
 # make reference PRESET=gn_fig1_cpu: a reference result in results/<preset>/ (lr tuned on a validation split,
 # 3 seeds; hours on 2 CPU cores, two one-thread jobs at a time); stopped, the same command resumes it
