@@ -28,6 +28,8 @@ SETTING_COLUMNS = "setting_columns"
 # CIFAR-10 has 10 classes: an arm whose best test accuracy stays this close to 10% never learned.
 CHANCE_ACC, CHANCE_MARGIN = 10.0, 2.0
 CHANCE_MARK = "†"
+# An lr chosen at the end of its candidates: the best rate may lie beyond the ones tried.
+EDGE_MARK = "‡"
 
 # Two-sided 95% t quantiles, t_{0.975, dof} for dof = 1..30; 1.96 beyond.
 _T975 = [
@@ -318,6 +320,20 @@ def _base_lr(table: pd.DataFrame) -> pd.Series:
     return table["lr_selected"] if "lr_selected" in table.columns else table["lr"]
 
 
+def lr_at_edge(table: pd.DataFrame) -> pd.Series:
+    """Per row of a --select-best lr table: whether the chosen lr is the highest or lowest of its
+    several candidates (all False for a table without selection)."""
+    if "lr_candidates" not in table.columns:
+        return pd.Series(False, index=table.index)
+
+    def at_edge(chosen: float, candidates: str) -> bool:
+        tried = sorted(str(candidates).split(";"), key=float)  # written with :g, as compared here
+        return len(tried) > 1 and f"{chosen:g}" in (tried[0], tried[-1])
+
+    return pd.Series([at_edge(float(lr), c) for lr, c in zip(table["lr_selected"], table["lr_candidates"])],
+                     index=table.index, dtype=bool)
+
+
 def _base_lr_differs(table: pd.DataFrame) -> bool:
     """Whether any row trained with a rate other than its base lr (scaled with the batch)."""
     return not np.allclose(table["lr_effective"].astype(float), _base_lr(table).astype(float), rtol=1e-9, atol=0.0)
@@ -340,7 +356,8 @@ def format_table(table: pd.DataFrame, target_acc: float = 80.0) -> pd.DataFrame:
         columns["devices"] = [str(d) for d in table["devices"]]
         columns["global batch"] = [str(b) for b in table["global_batch"]]
     columns["norm batch"] = [EMPTY if pd.isna(b) else str(b) for b in table["norm_batch"]]
-    columns["lr (selected)" if selected else "lr"] = [_fmt_lr(lr) for lr in table["lr_effective"]]
+    columns["lr (selected)" if selected else "lr"] = [
+        _fmt_lr(lr) + (f" {EDGE_MARK}" if edge else "") for lr, edge in zip(table["lr_effective"], lr_at_edge(table))]
     if _base_lr_differs(table):
         columns["base lr"] = [_fmt_lr(lr) for lr in _base_lr(table)]
     if selected:
@@ -398,6 +415,9 @@ def table_notes(table: pd.DataFrame, protocol: str | None = None) -> list[str]:
         if any((table[key].astype(str) == UNKNOWN).any() for key in settings):
             notes.append(f"{UNKNOWN}: not recorded (a summary without the run's config, e.g. a failed "
                          "run's, that matches no single experiment).")
+    if lr_at_edge(table).any():
+        notes.append(f"{EDGE_MARK} the selected lr is the highest or lowest of the rates tried for that row "
+                     "(csv column lr_candidates): its best rate may lie beyond them.")
     if table["at_chance"].any():
         notes.append(
             f"{CHANCE_MARK} at chance level: the best test accuracy of every seed stayed within "
@@ -442,7 +462,7 @@ def _latex_escape(text: str) -> str:
     replacements = {
         "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-        "±": r"$\pm$", CHANCE_MARK: r"$\dagger$", "×": r"$\times$", "√": r"$\surd$",
+        "±": r"$\pm$", CHANCE_MARK: r"$\dagger$", EDGE_MARK: r"$\ddagger$", "×": r"$\times$", "√": r"$\surd$",
     }
     return "".join(replacements.get(ch, ch) for ch in str(text))
 

@@ -344,7 +344,7 @@ def test_select_best_lr_uses_validation_not_test(tmp_path, capsys):
     markdown = (out_dir / "table.md").read_text()
     assert "lr (selected)" in markdown and "85.50 ± 0.71" in markdown
     shown = row(markdown_table(out_dir), norm="gn")
-    assert shown["lr (selected)"] == "0.025" and shown["base lr"] == "0.4"
+    assert shown["lr (selected)"] == "0.025 ‡" and shown["base lr"] == "0.4"  # the higher of two: an edge
 
     # Without selection both lrs are reported.
     assert len(report.aggregate(report.collect_runs([runs_root]))) == 2
@@ -365,6 +365,25 @@ def test_select_best_lr_compares_candidates_on_their_common_seeds(tmp_path):
     assert r["lr_selected"] == pytest.approx(0.1) and r["n_completed"] == 3  # (80 + 70 + 70) / 3 < 78 on all seeds
     assert r["val_acc_mean"] == pytest.approx(80.0)  # what the pick compared: seed 0
     assert r["test_acc_mean"] == pytest.approx((70.0 + 66.0 + 66.0) / 3)  # the test accuracy of every seed
+
+
+def test_select_best_lr_marks_a_pick_at_the_edge_of_its_candidates(tmp_path):
+    """A pick at the highest or lowest lr tried is marked (its best rate may lie beyond the grid);
+    one inside the grid is not."""
+    runs_root = tmp_path / "runs"
+    for lr, val in ((0.1, 70.0), (0.2, 75.0), (0.4, 72.0)):  # gn: best inside the grid
+        make_run(runs_root, norm="gn", batch_size=128, lr=lr, test_accs=[60.0, val], val_accs=[60.0, val])
+    for lr, val in ((0.1, 70.0), (0.2, 72.0), (0.4, 75.0)):  # ln: best at its top
+        make_run(runs_root, norm="ln", batch_size=128, lr=lr, test_accs=[60.0, val], val_accs=[60.0, val])
+    out_dir = tmp_path / "out"
+
+    assert report.main([str(runs_root), "--out", str(out_dir), "--select-best", "lr"]) == 0
+
+    assert row(markdown_table(out_dir), norm="gn")["lr (selected)"] == "0.2"
+    assert row(markdown_table(out_dir), norm="ln")["lr (selected)"] == "0.4 ‡"
+    assert "‡ the selected lr is the highest or lowest" in (out_dir / "table.md").read_text()
+    assert r"0.4 $\ddagger$" in (out_dir / "table.tex").read_text()
+    assert list(read_table(out_dir)["lr_candidates"]) == ["0.1;0.2;0.4"] * 2
 
 
 def test_select_best_without_validation_exits_2(tmp_path, capsys):
