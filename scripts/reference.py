@@ -21,7 +21,9 @@ not the files of a run still training):  git add $(python scripts/reference.py P
 Each step is `normbench` itself, which skips finished runs and resumes killed ones: a stopped
 protocol goes on where it stopped when the same command runs again. Overrides given here go to
 every step (e.g. hydra/launcher=local_parallel, threads=1, or norm=bn,gn to do part of it),
-except seed=: the protocol owns the seeds (--seeds), so a seed override is dropped.
+except seed=: the protocol owns the seeds (--seeds), so a seed override is dropped. Under the
+parallel launcher (hydra/launcher=local_parallel), launches smaller than its n_jobs (one arm alone
+at its lr) run side by side, so no core idles.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from normbench import validate
@@ -36,13 +39,51 @@ from normbench.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SWEPT_PER_ARM = ("lr", "seed")  # what varies inside one arm: the tuned rate and the seeds
+POLL_S = 1.0  # how often run_launches looks for a finished launch while waiting for a free slot
+
+
+def start_normbench(*args: str) -> subprocess.Popen:
+    """Start the normbench command (this interpreter's)."""
+    print("+ normbench " + " ".join(args), flush=True)
+    return subprocess.Popen([sys.executable, "-m", "normbench", *args])
 
 
 def normbench(*args: str) -> int:
-    """Run the normbench command (this interpreter's) and return its exit status."""
-    command = [sys.executable, "-m", "normbench", *args]
-    print("+ normbench " + " ".join(args), flush=True)
-    return subprocess.call(command)
+    """Run the normbench command and return its exit status."""
+    return start_normbench(*args).wait()
+
+
+def launch_size(launch: list[str]) -> int:
+    """How many jobs a launch's overrides expand to (Hydra's basic sweeper: the product of the swept values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return len(BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(launch), None)[0])
+
+
+def parallel_slots(cfg) -> int:
+    """Jobs this machine trains at once: the joblib launcher's n_jobs, else one."""
+    launcher = cfg.hydra.launcher
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    return n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else 1
+
+
+def run_launches(launches: list[list[str]], slots: int) -> bool:
+    """Run each launch (normbench's arguments), several side by side while their jobs fit in `slots`:
+    a one-job launch under a two-job launcher would leave a core idle (each job's threads are
+    cores // n_jobs). Returns whether any failed."""
+    failed, running = False, []  # (process, jobs it trains at once)
+    for args in launches:
+        size = min(launch_size(args), slots)
+        while running and sum(jobs for _, jobs in running) + size > slots:
+            time.sleep(POLL_S)
+            for process, jobs in [r for r in running if r[0].poll() is not None]:
+                failed |= process.returncode != 0
+                running.remove((process, jobs))
+        running.append((start_normbench(*args), size))
+    for process, _ in running:
+        failed |= process.wait() != 0
+    return failed
 
 
 def compose(preset: str, overrides: list[str]):
@@ -208,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # bad input: said in one line by normbench
     failed |= status != 0
 
+    slots = parallel_slots(cfg)
+
+    def train(items: list[tuple[list[str], list[str]]]) -> bool:  # (arm, its lr and seeds) -> whether a launch failed
+        return run_launches([[f"experiment={args.preset}", *launch, "report_at_end=false"] for launch in grouped(items)], slots)
+
     arms, grid = arms_and_grid(sweep_jobs(args.preset, extra))  # the overrides given here are in every arm
     arms = distinct_arms(args.preset, arms, grid)
     ratio = grid_ratio(grid)
@@ -219,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         for lrs, lr in zip(candidates, beyond):
             lrs += [lr] if lr else []
-        for launch in grouped([(arm, [f"lr={lr}", "seed=0"]) for arm, lr in zip(arms, beyond) if lr]):
-            failed |= normbench(f"experiment={args.preset}", *launch, "report_at_end=false") != 0
+        failed |= train([(arm, [f"lr={lr}", "seed=0"]) for arm, lr in zip(arms, beyond) if lr])
         picks = [chosen_lr(args.preset, arm, lrs) for arm, lrs in zip(arms, candidates)]
     for arm, pick in zip(arms, picks):
         if pick is None:
@@ -228,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
     more_seeds = ",".join(str(s) for s in range(1, args.seeds))
     if more_seeds:
-        for launch in grouped([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick]):
-            failed |= normbench(f"experiment={args.preset}", *launch, "report_at_end=false") != 0
+        failed |= train([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick])
 
     from normbench.report import write_sweep_report
 

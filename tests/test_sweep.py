@@ -259,3 +259,52 @@ def test_reference_launches_cover_exactly_the_arms_in_few_launches():
     assert ["norm=gn,ln,none", "norm.virtual_batch=32", "lr=0.025", "seed=0"] in launches
     assert ["norm=bn", "norm.virtual_batch=4,2", "lr=0.4", "seed=0"] in launches
     assert len(launches) == 4
+
+
+def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
+    """A launch of one job under a two-job launcher leaves a core idle: the next launch starts beside
+    it when its jobs fit in the free slots, else waits; a failed launch is reported."""
+    reference = reference_script()
+
+    class Launch:
+        """A normbench command that ends on its second poll."""
+        running: list = []
+
+        def __init__(self, args):
+            self.args, self.polls = args, 0
+            self.returncode = 1 if "norm=bad" in args else 0
+            self.beside = [launch.args for launch in Launch.running]  # what was still training when this started
+            Launch.running.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            Launch.running.remove(self) if self in Launch.running else None
+            return self.returncode
+
+        def wait(self):
+            Launch.running.remove(self) if self in Launch.running else None
+            return self.returncode
+
+    started = []
+    monkeypatch.setattr(reference, "start_normbench", lambda *args: started.append(Launch(list(args))) or started[-1])
+    monkeypatch.setattr(reference, "POLL_S", 0.0)
+    one_bn, one_gn, two, bad = ["norm=bn", "lr=0.4"], ["norm=gn", "lr=0.025"], ["norm=bn,gn", "lr=0.1"], ["norm=bad", "lr=0.1"]
+
+    assert reference.run_launches([one_bn, one_gn, two, ["norm=ln", "lr=0.1"]], slots=2) is False
+    assert [launch.beside for launch in started] == [[], [one_bn], [], []]  # the two-job launch fills both slots
+    assert started[3].beside == [] and started[2].polls >= 2  # the last one-job launch waited for it
+
+    started.clear()
+    assert reference.run_launches([one_bn, one_gn], slots=1) is False
+    assert [launch.beside for launch in started] == [[], []]  # one slot: one after the other
+
+    started.clear()
+    assert reference.run_launches([one_bn, bad], slots=2) is True
+    assert reference.launch_size(["experiment=small_batch_cpu", "norm=bn,gn", "batch_size=128,32,8", "lr=0.1"]) == 6
+    from hydra.core.global_hydra import GlobalHydra
+
+    assert reference.parallel_slots(reference.compose("small_batch_cpu", ["hydra/launcher=local_parallel"])) == 2
+    assert reference.parallel_slots(reference.compose("small_batch_cpu", [])) == 1  # the basic launcher: one at a time
+    GlobalHydra.instance().clear()
