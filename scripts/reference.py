@@ -71,10 +71,11 @@ def parallel_slots(cfg) -> int:
 def run_launches(launches: list[list[str]], slots: int) -> bool:
     """Run each launch (normbench's arguments), several side by side while their jobs fit in `slots`:
     a one-job launch under a two-job launcher would leave a core idle (each job's threads are
-    cores // n_jobs). Returns whether any failed."""
+    cores // n_jobs). The largest go first, so that the one-job launches meet at the end and pair
+    up. Returns whether any failed."""
     failed, running = False, []  # (process, jobs it trains at once)
-    for args in launches:
-        size = min(launch_size(args), slots)
+    sized = sorted(((min(launch_size(args), slots), args) for args in launches), key=lambda item: -item[0])
+    for size, args in sized:
         while running and sum(jobs for _, jobs in running) + size > slots:
             time.sleep(POLL_S)
             for process, jobs in [r for r in running if r[0].poll() is not None]:

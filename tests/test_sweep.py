@@ -292,9 +292,10 @@ def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
     monkeypatch.setattr(reference, "POLL_S", 0.0)
     one_bn, one_gn, two, bad = ["norm=bn", "lr=0.4"], ["norm=gn", "lr=0.025"], ["norm=bn,gn", "lr=0.1"], ["norm=bad", "lr=0.1"]
 
-    assert reference.run_launches([one_bn, one_gn, two, ["norm=ln", "lr=0.1"]], slots=2) is False
-    assert [launch.beside for launch in started] == [[], [one_bn], [], []]  # the two-job launch fills both slots
-    assert started[3].beside == [] and started[2].polls >= 2  # the last one-job launch waited for it
+    assert reference.run_launches([one_bn, two, one_gn, ["norm=ln", "lr=0.1"]], slots=2) is False
+    assert [launch.args for launch in started] == [two, one_bn, one_gn, ["norm=ln", "lr=0.1"]]  # the largest first
+    assert [launch.beside for launch in started] == [[], [], [one_bn], []]  # the two-job launch fills both slots
+    assert started[0].polls >= 2 and started[1].polls >= 2  # the one-job launches waited for it, the third for a slot
 
     started.clear()
     assert reference.run_launches([one_bn, one_gn], slots=1) is False
