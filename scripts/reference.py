@@ -53,14 +53,6 @@ def normbench(*args: str) -> int:
     return start_normbench(*args).wait()
 
 
-def launch_size(launch: list[str]) -> int:
-    """How many jobs a launch's overrides expand to (Hydra's basic sweeper: the product of the swept values)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    return len(BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(launch), None)[0])
-
-
 def parallel_slots(cfg) -> int:
     """Jobs this machine trains at once: the joblib launcher's n_jobs, else one."""
     launcher = cfg.hydra.launcher
@@ -74,7 +66,7 @@ def run_launches(launches: list[list[str]], slots: int) -> bool:
     cores // n_jobs). The largest go first, so that the one-job launches meet at the end and pair
     up. Returns whether any failed."""
     failed, running = False, []  # (process, jobs it trains at once)
-    sized = sorted(((min(launch_size(args), slots), args) for args in launches), key=lambda item: -item[0])
+    sized = sorted(((min(len(expand(args)), slots), args) for args in launches), key=lambda item: -item[0])
     for size, args in sized:
         while running and sum(jobs for _, jobs in running) + size > slots:
             time.sleep(POLL_S)
@@ -99,15 +91,21 @@ def compose(preset: str, overrides: list[str]):
         return hydra_compose("config", overrides=[f"experiment={preset}", *overrides], return_hydra_config=True)
 
 
-def sweep_jobs(preset: str, extra: list[str]) -> list[list[str]]:
-    """Every job of `normbench experiment=<preset> <extra>`: the preset's sweep parameters with the
-    command line's on top, expanded exactly as Hydra's basic sweeper does."""
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The jobs a command line's overrides expand to, exactly as Hydra's basic sweeper does (the
+    product of the swept values)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    params = compose(preset, []).hydra.sweeper.params or {}
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + extra)
+    parsed = OverridesParser.create().parse_overrides(overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def sweep_jobs(preset: str, extra: list[str]) -> list[list[str]]:
+    """Every job of `normbench experiment=<preset> <extra>`: the preset's sweep parameters with the
+    command line's on top."""
+    params = compose(preset, []).hydra.sweeper.params or {}
+    return expand([f"{k}={v}" for k, v in params.items()] + extra)
 
 
 def _key(override: str) -> str:

@@ -278,13 +278,11 @@ def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
 
         def poll(self):
             self.polls += 1
-            if self.polls < 2:
-                return None
-            Launch.running.remove(self) if self in Launch.running else None
-            return self.returncode
+            return None if self.polls < 2 else self.wait()
 
         def wait(self):
-            Launch.running.remove(self) if self in Launch.running else None
+            if self in Launch.running:
+                Launch.running.remove(self)
             return self.returncode
 
     started = []
@@ -303,7 +301,7 @@ def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
 
     started.clear()
     assert reference.run_launches([one_bn, bad], slots=2) is True
-    assert reference.launch_size(["experiment=small_batch_cpu", "norm=bn,gn", "batch_size=128,32,8", "lr=0.1"]) == 6
+    assert len(reference.expand(["experiment=small_batch_cpu", "norm=bn,gn", "batch_size=128,32,8", "lr=0.1"])) == 6
     from hydra.core.global_hydra import GlobalHydra
 
     assert reference.parallel_slots(reference.compose("small_batch_cpu", ["hydra/launcher=local_parallel"])) == 2
