@@ -133,6 +133,23 @@ def test_placement_before_and_after_in_the_cnn():
     assert (before.features[0](x) >= 0).all()  # conv-BN-ReLU ends in a ReLU
 
 
+def test_instance_norm_after_the_relu_makes_the_cnn_blind():
+    """conv-ReLU-IN as the last unit, then global average pooling: IN leaves every channel of every
+    image with spatial mean exactly beta, and the pool takes exactly that mean, so the logits are the
+    same for every input and the model cannot beat chance (placement_cpu's IN-after arm, 10%).
+    Before the ReLU (conv-IN-ReLU) the ReLU breaks this; LN, whose mean is over all channels, does not
+    have it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for norm, placement, blind in [("in", "after", True), ("in", "before", False), ("ln", "after", False)]:
+            model = build_model("cnn", norm, model_options={"placement": placement}).train()
+            for p in model.parameters():  # any weights: beta nonzero too
+                p.add_(0.1 * torch.randn_like(p))
+            logits = model(x)
+            assert torch.allclose(logits, logits[:1].expand_as(logits), atol=1e-5) == blind, (norm, placement)
+
+
 @pytest.mark.parametrize("norm", ["bn", "gn", "frn", "evonorm_s0", "none"])
 def test_a_conv_feeding_a_relu_has_a_bias(norm):
     """conv-ReLU-norm: the conv feeds the ReLU, so it needs its own bias (a zero input must not map
