@@ -1,0 +1,71 @@
+"""Where a run computes and how: the device, the precision (bf16 autocast) and torch.compile, each
+asked for in the config (``device``, ``amp``, ``compile``, with ``auto``) and resolved here, once.
+
+Validation calls ``check_device`` before any run (one line, exit 2); the trainer calls the
+resolvers; the run's identity records what they resolve to (``identity.run_config``), so a run
+is the same run on every machine that computes it the same way. Torch is imported only when a
+value is resolved.
+"""
+
+from __future__ import annotations
+
+from normbench.errors import UserError
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+# amp and compile: auto, or forced on / off.
+SWITCH_CHOICES = ("auto", True, False)
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def check_device(name) -> None:
+    """A device name this machine can use: auto, cpu, mps, cuda or cuda:N (N a visible GPU)."""
+    import torch
+
+    name = str(name)
+    if name in ("auto", "cpu"):
+        return
+    if name == "mps":
+        if not _mps_available():
+            raise UserError("device=mps but MPS is not available here; use device=auto or device=cpu")
+        return
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but no CUDA GPU is available here; use device=auto or device=cpu")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(f"device={name}: no such GPU here ({torch.cuda.device_count()} visible); use device=auto or cuda:0")
+        return
+    raise UserError(f"device={name!r} is not a device name; use {DEVICE_CHOICES}")
+
+
+def resolve_device(name: str):
+    """The torch.device for ``name``: auto = cuda > mps > cpu."""
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def device_type(name: str) -> str:
+    """cpu, cuda or mps: what a run asked for with ``device`` computes on here."""
+    return resolve_device(str(name)).type
+
+
+def uses_bf16(amp, device_kind: str) -> bool:
+    """Whether a run trains and evaluates under bf16 autocast: amp=auto means on CUDA only."""
+    return device_kind == "cuda" if amp == "auto" else amp is True
+
+
+def uses_compile(compile_, device_kind: str) -> bool:
+    """Whether the training step is torch.compile-d: compile=auto means on CUDA only (on a CPU its
+    compile time is not won back in a run of this size)."""
+    return device_kind == "cuda" if compile_ == "auto" else compile_ is True
