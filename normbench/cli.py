@@ -200,14 +200,16 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 
 def _finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The summary of this very run if it is finished already (then it is skipped), else None."""
-    fp = identity.fingerprint(identity.run_config(cfg))
+    """The summary of this very run if it is finished already (then it is skipped), else None.
+    The finished run's fingerprint is recomputed from what its summary records, so a run finished
+    before an option existed is still this run when the option is at its default."""
     previous = summary.read(run_dir)
-    if previous and previous["status"] in summary.FINISHED and previous["fingerprint"] == fp:
+    if not previous or previous["status"] not in summary.FINISHED:
+        return None
+    if identity.record_fingerprint(previous) == identity.fingerprint(identity.run_config(cfg)):
         print(f"skip {cfg.run_name}: already {previous['status']} (test acc {previous['test_acc']})")
         return previous
-    if previous and previous["status"] in summary.FINISHED:
-        print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
+    print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
     return None
 
 

@@ -45,7 +45,7 @@ AXIS_SETTINGS = {"model.name", "model.placement", "norm.name", "norm.virtual_bat
 LABELLED_PREFIXES = ("model.", "norm.")
 # Settings of batch-dependent norms only: a batch-independent norm's config records them as null
 # (identity.run_config), which matches every value (its run is the reference for each of them).
-BATCH_STAT_SETTINGS = {"eval_stats", "precise_batches", "freeze_stats_epochs"}
+BATCH_STAT_SETTINGS = set(identity.BATCH_STAT_KEYS)
 # Without a config, these settings are known from the summary's identity fields.
 IDENTITY_SETTINGS = {"model.name": "model", "model.placement": "placement", "batch_size": "batch_size",
                      "lr": "lr", "devices": "devices", "norm.virtual_batch": "virtual_batch", "epochs": "epochs"}
@@ -136,8 +136,10 @@ def recorded_setting(record: dict) -> dict | None:
     config = record.get("config")
     if not isinstance(config, dict):
         return None
-    setting = _flatten(identity.semantic_config(config))
+    setting = _flatten(identity.semantic_config(config, record.get("device")))
     setting.pop("seed", None)
+    # Runs of different results versions are different experiments (the code changed what they compute).
+    setting["results_version"] = record["results_version"]
     # `variant` is a label, not part of semantic_config, but it is what separates experiments
     # that the run name alone would not.
     setting["variant"] = config.get("variant")
@@ -345,9 +347,8 @@ def _lr_rule(setting: dict) -> str | None:
         return None
     devices = setting.get("devices")
     batch = "global batch" if isinstance(devices, int) and devices > 1 else "batch"
-    rules = {"linear": f"lr = base × {batch}/{ref_batch:g}", "sqrt": f"lr = base × √({batch}/{ref_batch:g})",
-             "none": "lr = base (not scaled with the batch)"}
-    return rules.get(scaling, f"lr scaling {scaling}")
+    rule = identity.LR_SCALING.get(scaling)
+    return rule.formula.format(batch=batch, ref_batch=ref_batch) if rule else f"lr scaling {scaling}"
 
 
 def _schedule(setting: dict) -> str | None:

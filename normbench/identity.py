@@ -7,24 +7,49 @@ Torch-free at import (the command line composes run names before any training is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-# How the base learning rate follows the SGD batch: lr * rule(batch_size / optim.ref_batch).
-LR_SCALING = {"linear": lambda ratio: ratio, "sqrt": math.sqrt, "none": lambda ratio: 1.0}
+from normbench import distributed
 
-# Bump when a change of the code changes what a run computes (a finished run of an older version
-# is then trained again instead of being skipped as done).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass(frozen=True)
+class LrRule:
+    """How the base learning rate follows the SGD batch: lr * scale(batch_size / optim.ref_batch)."""
+
+    scale: Callable[[float], float]
+    formula: str  # as the report's protocol line says it ({batch}: "batch" or "global batch")
+
+
+LR_SCALING = {
+    "linear": LrRule(lambda ratio: ratio, "lr = base × {batch}/{ref_batch:g}"),
+    "sqrt": LrRule(math.sqrt, "lr = base × √({batch}/{ref_batch:g})"),
+    "none": LrRule(lambda ratio: 1.0, "lr = base (not scaled with the batch)"),
+}
+
+# Bump when a change of the code changes what a run computes: a finished run of an older version
+# is then trained again instead of being skipped, and the report keeps the versions in separate
+# rows. summary.json records it; a summary without one was written at version 2.
 RESULTS_VERSION = 2
+FIRST_RECORDED_VERSION = 2
 
-# Keys that do not change what a run computes: where it writes, how it reports progress.
-NON_SEMANTIC_KEYS = {"out_dir", "run_name", "variant", "progress", "debug", "log_every", "stat_gap_every", "ckpt_every",
-                     "on_bad_checkpoint", "target_acc", "threads", "report_at_end", "report_dir", "select_best", "gap_every", "compile", "experiment", "device", "hydra",
-                     "dist_timeout_s"}
-NON_SEMANTIC_DATA_KEYS = {"root", "cache_dir", "eval_batch_size"}
+# Keys that conf/*.yaml declares outside a run's identity (each config node's `identity_ignores`).
+IGNORES_KEY = "identity_ignores"
+# Settings of batch-dependent norms only: a batch-independent norm ignores them, and its config
+# records them as null (run_config), like its virtual batch.
+BATCH_STAT_KEYS = ("eval_stats", "precise_batches", "freeze_stats_epochs")
+# Where a model's norm sits relative to its activation; the first is the place of a model without
+# the option (every ResNet: conv-norm-ReLU).
+PLACEMENTS = ("before", "after")
 
 # Keys that the report can choose per setting by validation accuracy (--select-best, select_best=).
 SELECTABLE_KEYS = ("lr",)
@@ -32,15 +57,8 @@ SELECTABLE_KEYS = ("lr",)
 
 def effective_lr(cfg: DictConfig) -> float:
     """The learning rate the optimizer really uses (the base lr scaled with the global batch)."""
-    ratio = cfg.batch_size * world_size() / cfg.optim.ref_batch
-    return cfg.lr * LR_SCALING[cfg.optim.lr_scaling](ratio)
-
-
-def world_size() -> int:
-    """Processes (devices) of a data-parallel run (torchrun / SLURM / submitit); 1 otherwise."""
-    from normbench import distributed
-
-    return distributed.world_size()
+    ratio = cfg.batch_size * distributed.world_size() / cfg.optim.ref_batch
+    return cfg.lr * LR_SCALING[cfg.optim.lr_scaling].scale(ratio)
 
 
 def uses_batch_stats(norm: DictConfig) -> bool:
@@ -107,37 +125,135 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
         vb_part += f"-eval{eval_stats}"
     if batch_dependent and freeze_stats_epochs:
         vb_part += f"-freeze{freeze_stats_epochs}"
-    devices_part = f"x{world_size()}dev" if world_size() > 1 else ""  # batch_size is per device
+    devices_part = f"x{distributed.world_size()}dev" if distributed.world_size() > 1 else ""  # batch_size is per device
     variant_part = f"/{variant}" if variant else ""
     return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{variant_part}"
             f"/seed{seed}")
 
 
 def run_config(cfg: DictConfig) -> dict:
-    """The resolved config as the run's identity: what its fingerprint hashes and summary.json records."""
+    """The resolved config as the run records it (summary.json's `config`): what was asked, with the
+    values resolved on this machine in place of `auto` (amp, compile), the effective virtual batch,
+    and the settings a batch-independent norm ignores recorded as null."""
+    from normbench import device
+
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     config["norm"]["virtual_batch"] = effective_virtual_batch(cfg)
     if not uses_batch_stats(cfg.norm):  # batch-independent norms ignore these, like the virtual batch
-        for key in ("eval_stats", "precise_batches", "freeze_stats_epochs"):
+        for key in BATCH_STAT_KEYS:
             if key in config:
                 config[key] = None
-    config["devices"] = world_size()
+    config["devices"] = distributed.world_size()
+    kind = device.device_type(cfg.device)
+    config["amp"] = device.uses_bf16(cfg.amp, kind)
+    config["compile"] = device.uses_compile(cfg.compile, kind)
     return config
 
 
-def semantic_config(config: dict) -> dict:
-    """The part of a resolved config that determines a run's results (everything but paths and logging)."""
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
-    if isinstance(semantic.get("data"), dict):
-        semantic["data"] = {k: v for k, v in semantic["data"].items() if k not in NON_SEMANTIC_DATA_KEYS}
-    return semantic
+def _recorded_resolutions(config: dict, device_name: str | None) -> dict:
+    """A config as it would be recorded today. Summaries of results version 2 recorded amp and
+    compile as asked (auto, or absent before compile existed); auto meant on CUDA only then, and the
+    summary's `device` says where the run was."""
+    on_cuda = str(device_name or "").startswith("cuda")
+    config = dict(config)
+    for key in ("amp", "compile"):
+        if config.get(key, False) not in (True, False):  # "auto" (or missing compile: off)
+            config[key] = on_cuda if config.get(key) == "auto" else False
+    return config
 
 
-def fingerprint(config: dict) -> str:
-    """A short hash of everything that determines a run's results."""
-    identity = {**semantic_config(config), "results_version": RESULTS_VERSION}
+@functools.cache
+def _yaml(path: Path) -> dict:
+    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    tree.pop("defaults", None)
+    tree.pop("hydra", None)
+    return tree
+
+
+def _conf_tree(config: dict) -> dict:
+    """What conf/ defines for this config's choices: config.yaml, and each group's chosen entry
+    (model, norm, data, optim, sched: conf/<group>/<name>.yaml)."""
+    tree = dict(_yaml(CONF_DIR / "config.yaml"))
+    for group, value in config.items():
+        entry = CONF_DIR / group / f"{value.get('name')}.yaml" if isinstance(value, dict) else None
+        if entry is not None and entry.is_file():
+            tree[group] = _yaml(entry)
+    return tree
+
+
+def _same(a, b) -> bool:
+    """Equal values of one kind (True is not 1; 1 is 1.0)."""
+    numbers = (int, float)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, numbers) and isinstance(b, numbers):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _without(config: dict, conf: dict, drop_defaults: bool) -> dict:
+    """`config` less the keys its conf node declares outside the identity (and, with drop_defaults,
+    less the values equal to their conf/ default), node by node."""
+    ignored = set(conf.get(IGNORES_KEY, ())) | {IGNORES_KEY}
+    out = {}
+    for key, value in config.items():
+        if key in ignored:
+            continue
+        if key == "name":  # a group's choice (norm.name: gn) is the run's, never a default to drop
+            out[key] = value
+            continue
+        default = conf.get(key, _MISSING) if isinstance(conf, dict) else _MISSING
+        if isinstance(value, dict):
+            value = _without(value, default if isinstance(default, dict) else {}, drop_defaults)
+            if drop_defaults and not value and isinstance(default, dict):
+                continue
+        elif drop_defaults and default is not _MISSING and _same(value, default):
+            continue
+        out[key] = value
+    return out
+
+
+_MISSING = object()
+
+
+def identity_config(config: dict, device_name: str | None = None) -> dict:
+    """A recorded config's identity: what determines the run's results, resolved as recorded
+    today, with every key at its conf/ default left out. So an option added at its default leaves
+    every earlier run's identity as it was, and two configs are the same run exactly when they
+    agree on every key, a key one of them lacks counting as its default."""
+    config = _recorded_resolutions(config, device_name)
+    return _without(config, _conf_tree(config), drop_defaults=True)
+
+
+def semantic_config(config: dict, device_name: str | None = None) -> dict:
+    """A recorded config's identity with every key conf/ defines present (its default where the
+    config lacks it): the report's setting of a run, so old and new runs compare key by key."""
+    config = _recorded_resolutions(config, device_name)
+    conf = _conf_tree(config)
+    return _merged(_without(conf, conf, drop_defaults=False), _without(config, conf, drop_defaults=False))
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def fingerprint(config: dict, device_name: str | None = None, version: int | None = None) -> str:
+    """A short hash of a recorded config's identity and the results version it was computed with
+    (this code's, unless told)."""
+    identity = {**identity_config(config, device_name), "results_version": version or RESULTS_VERSION}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_fingerprint(record: dict) -> str | None:
+    """The fingerprint of a summary's run, recomputed from what it records (its config, device and
+    results version), so a summary written before an option existed still names its run."""
+    if not isinstance(record.get("config"), dict):
+        return None
+    return fingerprint(record["config"], record.get("device"), record.get("results_version") or FIRST_RECORDED_VERSION)
 
 
 def run_identity(cfg: DictConfig) -> dict:
@@ -145,9 +261,9 @@ def run_identity(cfg: DictConfig) -> dict:
     vb = effective_virtual_batch(cfg)
     batch_dependent = uses_batch_stats(cfg.norm)
     # Synchronized statistics span every device's batch; a virtual batch fixes the normalization batch.
-    norm_batch = vb or cfg.batch_size * (world_size() if cfg.norm.get("sync") else 1)
+    norm_batch = vb or cfg.batch_size * (distributed.world_size() if cfg.norm.get("sync") else 1)
     return {"run_name": cfg.run_name, "model": cfg.model.name, "norm": cfg.norm.name, "norm_label": norm_label(cfg.norm),
-            "placement": model_options(cfg.model).get("placement", "before"), "batch_size": cfg.batch_size,
-            "devices": world_size(), "virtual_batch": vb,
+            "placement": model_options(cfg.model).get("placement", PLACEMENTS[0]), "batch_size": cfg.batch_size,
+            "devices": distributed.world_size(), "virtual_batch": vb,
             "norm_batch": norm_batch if batch_dependent else None,
             "lr": cfg.lr, "lr_effective": effective_lr(cfg), "seed": cfg.seed, "epochs": cfg.epochs}

@@ -12,7 +12,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from normbench import atomic
+from normbench import atomic, identity
 
 SUMMARY_NAME = "summary.json"
 
@@ -35,7 +35,7 @@ GAP_FIELDS = ("gap_train_batchstats_acc", "gap_test_batchstats_acc", "gap_test_p
 RESULT_FIELDS = ("status", "reason", "epochs_done", "steps_done", "test_acc", "best_test_acc", "test_loss",
                  "train_loss", "train_acc", "val_acc", "best_val_acc", "wall_time_s", "seconds_per_epoch",
                  "images_per_s", "diverged_step", "train_size", "test_size", "val_size", "device", "fingerprint",
-                 "finished_at", "config", *GAP_FIELDS)
+                 "results_version", "finished_at", "config", *GAP_FIELDS)
 FIELDS = IDENTITY_FIELDS + RESULT_FIELDS
 # Without these a summary cannot be placed in a table.
 REQUIRED_FIELDS = ("status", "model", "norm", "batch_size", "norm_batch", "lr", "seed", "test_acc")
@@ -55,6 +55,7 @@ def new(identity: dict, status: str, **fields) -> dict:
     record = {key: None for key in FIELDS}
     record.update(identity)
     record.update(fields, status=status)
+    record["results_version"] = identity.RESULTS_VERSION
     if record["finished_at"] is None:
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return record
@@ -108,7 +109,8 @@ def load(run_dir: str | Path) -> dict:
     record = {key: None for key in FIELDS}
     record.update(summary)
     # Summaries written before these fields existed.
-    record["placement"] = record["placement"] or "before"
+    record["placement"] = record["placement"] or identity.PLACEMENTS[0]
+    record["results_version"] = record["results_version"] or identity.FIRST_RECORDED_VERSION
     record["devices"] = record["devices"] or 1
     record["norm_label"] = record["norm_label"] or record["norm"]
     return record

@@ -1,0 +1,175 @@
+"""A run's identity: what its fingerprint covers, and that a new option at its default changes nothing.
+
+The scenario of every future option (precision, memory format, a training budget): conf/ gains a key
+at a default that reproduces what runs did before it. Every finished run must keep its identity (its
+rerun skipped, its report row shared with new runs), and a run that sets the key otherwise must not.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from omegaconf import open_dict
+
+from normbench import collect, identity
+
+
+@pytest.fixture
+def conf_copy(tmp_path, monkeypatch):
+    """A copy of conf/ that identity reads instead of the real one (as if a later commit had edited it)."""
+    copy = tmp_path / "conf"
+    shutil.copytree(identity.CONF_DIR, copy)
+    monkeypatch.setattr(identity, "CONF_DIR", copy)
+    identity._yaml.cache_clear()
+    yield copy
+    identity._yaml.cache_clear()
+
+
+def _add_line(path, line: str) -> None:
+    path.write_text(path.read_text() + f"\n{line}\n")
+    identity._yaml.cache_clear()
+
+
+def _with(cfg, **values):
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for dotted, value in values.items():
+            node = cfg
+            *parents, key = dotted.split(".")
+            for parent in parents:
+                node = node[parent]
+            node[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("file, key", [("config.yaml", "new_option"), ("data/cifar10.yaml", "data.new_option"),
+                                       ("optim/sgd.yaml", "optim.new_option")])
+def test_a_new_key_at_its_default_leaves_the_fingerprint(make_cfg, conf_copy, file, key):
+    cfg = make_cfg("norm=gn")
+    before = identity.run_config(cfg)  # a run finished before the option existed
+    fp_before = identity.fingerprint(before)
+
+    _add_line(conf_copy / file, f"{key.rsplit('.', 1)[-1]}: 3   # the new option, at the old behaviour")
+    assert identity.fingerprint(before) == fp_before  # its summary still names the same run
+    at_default = identity.run_config(_with(cfg, **{key: 3}))
+    assert identity.fingerprint(at_default) == fp_before  # a new run at the default is that run
+    changed = identity.run_config(_with(cfg, **{key: 4}))
+    assert identity.fingerprint(changed) != fp_before  # set otherwise, it is another run
+
+
+def test_a_new_key_at_its_default_shares_the_report_row(make_cfg, conf_copy):
+    cfg = make_cfg("norm=gn")
+    old = {"config": identity.run_config(cfg), "device": "cpu", "results_version": 2,
+           "run_name": cfg.run_name, "model": "cnn", "placement": "before", "batch_size": 8, "lr": 0.1,
+           "devices": 1, "virtual_batch": None, "epochs": 1, "norm_label": "gn"}
+    _add_line(conf_copy / "config.yaml", "new_option: 3")
+    new = {**old, "config": identity.run_config(_with(cfg, new_option=3))}
+    other = {**old, "config": identity.run_config(_with(cfg, new_option=4))}
+    old_setting, new_setting = collect.recorded_setting(old), collect.recorded_setting(new)
+    assert old_setting == new_setting and old_setting["new_option"] == 3  # the old run reads as the default
+    assert collect.recorded_setting(other)["new_option"] == 4
+
+
+def test_every_result_key_is_in_the_identity(make_cfg):
+    """A key that affects results, changed, changes the fingerprint; a declared non-result key does not."""
+    cfg = make_cfg()
+    fp = identity.fingerprint(identity.run_config(cfg))
+    for key, value in {"lr": 0.3, "seed": 7, "batch_size": 4, "data.crop_padding": 2, "optim.momentum": 0.5,
+                       "sched.warmup_epochs": 0.25, "norm.eps": 1e-3, "amp": True, "compile": True}.items():
+        assert identity.fingerprint(identity.run_config(_with(cfg, **{key: value}))) != fp, key
+    for key, value in {"log_every": 7, "threads": 1, "target_acc": 50.0, "data.eval_batch_size": 7,
+                       "out_dir": "elsewhere", "device": "cpu", "progress": False}.items():
+        assert identity.fingerprint(identity.run_config(_with(cfg, **{key: value}))) == fp, key
+
+
+def test_auto_is_recorded_as_what_it_resolved_to(make_cfg):
+    """amp=auto and compile=auto are off on a CPU: the same run as amp=false, compile=false, and not
+    the same as amp=true."""
+    cfg = make_cfg("device=cpu")
+    auto = identity.run_config(_with(cfg, amp="auto", compile="auto"))
+    assert auto["amp"] is False and auto["compile"] is False
+    off = identity.run_config(_with(cfg, amp=False, compile=False))
+    on = identity.run_config(_with(cfg, amp=True))
+    assert identity.fingerprint(auto) == identity.fingerprint(off) != identity.fingerprint(on)
+
+
+def test_a_summary_of_version_2_keeps_its_identity(make_cfg):
+    """Summaries written before amp was recorded resolved say amp=auto: on a CPU that was fp32."""
+    cfg = make_cfg()
+    config = identity.run_config(cfg)
+    legacy = {**config, "amp": "auto"}
+    legacy.pop("compile")  # before compile existed
+    assert identity.record_fingerprint({"config": legacy, "device": "cpu"}) == identity.fingerprint(config)
+    on_gpu = identity.record_fingerprint({"config": legacy, "device": "cuda:0"})
+    assert on_gpu == identity.fingerprint({**config, "amp": True})  # compile did not exist: off
+
+
+def test_the_results_version_separates_runs(make_cfg, monkeypatch):
+    """Bumping RESULTS_VERSION makes every earlier summary another run (it is trained again)."""
+    config = identity.run_config(make_cfg())
+    record = {"config": config, "device": "cpu", "results_version": identity.RESULTS_VERSION}
+    assert identity.record_fingerprint(record) == identity.fingerprint(config)
+    monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION + 1)
+    assert identity.record_fingerprint(record) != identity.fingerprint(config)
+
+
+def test_committed_summaries_are_the_runs_their_presets_compose():
+    """Every committed run's summary still names its run: recomputing its fingerprint from what it
+    records gives one distinct identity per run folder (nothing collapses, nothing is lost)."""
+    import json
+
+    summaries = sorted((identity.CONF_DIR.parent / "results").glob("*/runs/**/summary.json"))
+    if not summaries:
+        pytest.skip("no committed runs")
+    fingerprints = {identity.record_fingerprint(json.loads(path.read_text())) for path in summaries}
+    assert None not in fingerprints and len(fingerprints) == len(summaries)
+
+
+def _cli_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree["name"] if isinstance(tree, dict) else tree
+
+
+def test_rerunning_a_committed_preset_trains_nothing():
+    """Each committed run, composed again from its preset and its own sweep values, lands in its own
+    folder with its own fingerprint: `normbench experiment=<preset>` (and scripts/reference.py) skip it."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import normbench.cli  # noqa: F401 - registers the run-name resolver
+
+    results = identity.CONF_DIR.parent / "results"
+    checked = 0
+    for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
+        preset = preset_dir.name
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(identity.CONF_DIR), version_base="1.3"):
+            base = compose("config", [f"experiment={preset}"], return_hydra_config=True)
+            swept = [*base.hydra.sweeper.params, "lr", "seed"]
+            composed = {}
+            for path in sorted((preset_dir / "runs").glob("**/summary.json")):
+                record = json.loads(path.read_text())
+                values = {key: _dotted(record["config"], key) for key in swept}
+                choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
+                if choices not in composed:
+                    composed[choices] = compose("config", [f"experiment={preset}", *choices])
+                cfg = composed[choices].copy()
+                for key, value in values.items():
+                    if key not in ("norm", "model"):
+                        OmegaConf.update(cfg, key, value, force_add=False)
+                run_dir = path.parent.relative_to(preset_dir / "runs")  # quick's out_dir is runs/quick: a copy
+                assert str(run_dir) == cfg.run_name, (preset, values)
+                assert identity.record_fingerprint(record) == identity.fingerprint(identity.run_config(cfg)), run_dir
+                checked += 1
+        GlobalHydra.instance().clear()
+    if not checked:
+        pytest.skip("no committed runs")
