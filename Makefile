@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_DATA)/train),)
 export NORMBENCH_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: run test test-all setup setup-dev bench reference clean
+.PHONY: run test test-all setup bench reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

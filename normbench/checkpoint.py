@@ -16,11 +16,15 @@ import torch
 from normbench.atomic import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
 class BadCheckpoint(Exception):
     """The checkpoint file is unreadable or belongs to another run."""
 
 
 def rng_state() -> dict:
+    """The global generators' states (torch, CUDA's, numpy's, python's), as plain containers of
+    tensors and numbers (so the checkpoint loads with weights_only=True)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -31,6 +35,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Put the global generators back where `rng_state` found them."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

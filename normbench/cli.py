@@ -28,7 +28,6 @@ from normbench.errors import UserError
 # Before Hydra resolves a job's folder (its name carries the device count): a submitit task imports
 # this module when it unpickles its job, before it starts it.
 distributed.adopt_cluster_env()
-OmegaConf.register_new_resolver("nb.run_name", identity.run_name, replace=True)
 
 
 # --------------------------------------------------------------------------- one run
@@ -128,7 +127,7 @@ def warn_if_sharing_cores(cfg: DictConfig, others: list) -> None:
         return
     import torch
 
-    from normbench.train import resolve_device
+    from normbench.device import resolve_device
 
     cores = len(os.sched_getaffinity(0))
     if resolve_device(cfg.device).type != "cpu" or torch.get_num_threads() * (len(others) + 1) <= cores:

@@ -27,14 +27,9 @@ UNKNOWN = "?"
 
 # Columns of the runs frame: where the run is, its summary fields (the config only as `setting`).
 RUN_COLUMNS = ["path", *(field for field in summary.FIELDS if field != "config"), "setting"]
-NUMERIC_COLUMNS = [
-    "lr", "lr_effective", "test_acc", "best_test_acc", "test_loss", "train_loss", "train_acc",
-    "val_acc", "best_val_acc", "wall_time_s", "seconds_per_epoch", "images_per_s", *summary.GAP_FIELDS,
-]
-INTEGER_COLUMNS = [
-    "batch_size", "devices", "virtual_batch", "norm_batch", "seed", "epochs", "epochs_done",
-    "steps_done", "diverged_step", "train_size", "test_size", "val_size",
-]
+NUMERIC_COLUMNS = list(summary.FLOAT_FIELDS)
+INTEGER_COLUMNS = list(summary.INTEGER_FIELDS)
+# The columns of metrics.csv (tracking.METRIC_COLUMNS) the curves need.
 REQUIRED_METRICS_COLUMNS = ("epoch", "test_acc", "train_loss")
 
 # Settings the table shows through its own columns: model, placement, norm label, batch, devices,

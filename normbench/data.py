@@ -109,7 +109,7 @@ def _image_names(class_dir: str) -> list[str]:
         return sorted(e.name for e in it if e.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _folder_layout(root: Path) -> dict[str, list[tuple[str, int]]]:
+def folder_layout(root: Path) -> dict[str, list[tuple[str, int]]]:
     """Check the image-folder layout cheaply (no per-file stat): split -> [(class, image count)]."""
     layout = {}
     for split in ("train", "test"):
@@ -203,7 +203,7 @@ def _classes_of_pickle(path: Path) -> list[str]:
 def load_cifar10(root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Dataset:
     """Decode CIFAR-10 once, then load the cached uint8 tensors (well under a second)."""
     kind, path = locate(root or default_root())
-    layout = _folder_layout(path) if kind == "folder" else None
+    layout = folder_layout(path) if kind == "folder" else None
     key = _cache_key(kind, path, layout)
     cache_file = Path(cache_dir or default_cache_dir()).expanduser() / f"cifar10-{key}.pt"
     if cache_file.is_file():

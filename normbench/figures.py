@@ -12,6 +12,8 @@ and every figure states its protocol and how many seeds its points average.
 
 from __future__ import annotations
 
+import colorsys
+import functools
 import math
 import textwrap
 import zlib
@@ -23,11 +25,23 @@ import numpy as np
 import pandas as pd
 
 from normbench.collect import BATCH_STAT_SETTINGS
-from normbench.table import norm_order, setting_keys, sort_table, table_setting_columns
+from normbench.table import (
+    EMPTY,
+    base_norm,
+    format_setting,
+    is_missing,
+    norm_order,
+    setting_keys,
+    sort_table,
+    table_setting_columns,
+)
 
 # One colour and marker per norm, picked by the norm's index in the registry (so `gn` looks the
-# same whichever norms a report holds). Norms the registry does not know take a light colour
-# from a second palette by a hash of their name: stable across reports, distinct from the first.
+# same whichever norms a report holds): today's twelve norms keep these colours and markers, and a
+# norm past them takes the next of an endless sequence of further colours and markers, each
+# distinct from every one before it. Norms the registry does not know take a light colour by a
+# hash of their name (stable across reports, distinct from the registry's), moved on to the next
+# free light colour where two of one figure would share it (norm_styles).
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",  # tab10
     "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#7b4173",  # tab10, black, tab20b
@@ -42,22 +56,82 @@ LINESTYLES = ["-", "--", ":", "-."]
 
 BATCH_XLABEL = "normalization batch (log2 scale)\nSGD batch for batch-independent norms"
 
+_GOLDEN = (math.sqrt(5) - 1) / 2  # hue step: consecutive generated colours far apart on the colour wheel
+# (saturation, value) levels of the generated colours, in turn: the registry's strong, the unknown
+# norms' light. No level of one has the other's value, so the two sequences never share a colour.
+_STRONG_LEVELS = ((0.85, 0.75), (0.65, 0.55), (0.9, 0.95))
+_LIGHT_LEVELS = ((0.3, 1.0), (0.4, 0.97))
+
+
+def _hsv_hex(hue: float, saturation: float, value: float) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(round(c * 255) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value)))
+
+
+def _generated_colour(k: int, levels) -> str:
+    saturation, value = levels[k % len(levels)]
+    return _hsv_hex(0.11 + k * _GOLDEN, saturation, value)
+
+
+@functools.cache
+def _sequence(kind: str, n: int) -> tuple:
+    """The first `n` colours (kind "colour": the registry's; "light": unknown norms') or markers:
+    the fixed ones, then generated ones, each distinct from all before it (and from every fixed one)."""
+    fixed = {"colour": PALETTE, "light": UNKNOWN_PALETTE, "marker": MARKERS}[kind]
+    taken = set(PALETTE) | set(UNKNOWN_PALETTE) | set(MARKERS)
+    items = list(fixed[:n])
+    k = 0
+    while len(items) < n:
+        if kind == "marker":  # stars, then asterisks, with ever more points: (points, 1 star / 2 asterisk, angle)
+            item = (6 + k // 2, 1 + k % 2, 0)
+        else:
+            item = _generated_colour(k, _STRONG_LEVELS if kind == "colour" else _LIGHT_LEVELS)
+        k += 1
+        if item not in taken and item not in items:
+            items.append(item)
+    return tuple(items)
+
+
+def _nth(kind: str, index: int):
+    return _sequence(kind, index + 1)[index]
+
 
 @dataclass(frozen=True)
 class NormStyle:
     color: str
-    marker: str
+    marker: str | tuple
 
 
 def norm_style(label: str, order: list[str] | None = None) -> NormStyle:
     """The colour and marker of a norm label; options (gn-groups16) keep their base norm's."""
     order = norm_order() if order is None else order
-    base = label.split("-")[0]
+    base = base_norm(label)
     if base in order:
         index = order.index(base)
-        return NormStyle(PALETTE[index % len(PALETTE)], MARKERS[index % len(MARKERS)])
+        return NormStyle(_nth("colour", index), _nth("marker", index))
     digest = zlib.crc32(base.encode())
     return NormStyle(UNKNOWN_PALETTE[digest % len(UNKNOWN_PALETTE)], MARKERS[digest % len(MARKERS)])
+
+
+def norm_styles(labels, order: list[str] | None = None) -> dict[str, NormStyle]:
+    """The style of each norm label of one figure (norm_style), no two norms in one colour: an
+    unknown norm whose light colour another unknown norm of the figure already has (by name order)
+    takes the next free one."""
+    order = norm_order() if order is None else order
+    labels = sorted(set(labels))
+    styles: dict[str, NormStyle] = {}
+    used: dict[str, str] = {}  # colour -> base norm
+    for base in sorted({base_norm(label) for label in labels}, key=lambda b: (b not in order, b)):
+        style = norm_style(base, order)
+        if base not in order:
+            slot = UNKNOWN_PALETTE.index(style.color)
+            while used.get(_nth("light", slot), base) != base:
+                slot += 1
+            style = NormStyle(_nth("light", slot), style.marker)
+        used[style.color] = base
+        for label in labels:
+            if base_norm(label) == base:
+                styles[label] = style
+    return styles
 
 
 def seeds_phrase(seed_counts) -> tuple[str, bool]:
@@ -134,10 +208,9 @@ def _offsets(n_lines: int, step: float, max_total: float) -> list[float]:
     return [(k - (n_lines - 1) / 2) * step for k in range(n_lines)]
 
 
-def _draw_line(ax, x, y, *, norm: str, label: str, linestyle, order: list[str], markevery=None) -> str:
+def _draw_line(ax, x, y, *, norm: str, label: str, linestyle, style: NormStyle, markevery=None) -> str:
     """A norm's line in its colour and marker (hollow for a norm with non-default options)."""
-    style = norm_style(norm, order)
-    has_options = "-" in norm
+    has_options = norm != base_norm(norm)
     ax.plot(x, y, label=label, color=style.color, marker=style.marker, linestyle=linestyle,
             markerfacecolor="white" if has_options else style.color, markersize=6, linewidth=1.5,
             markevery=markevery)
@@ -159,13 +232,7 @@ def _one_lr_per_setting(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def _setting_text(values: dict, settings: list[str]) -> str:
     """How a panel's settings differ from the others', e.g. "epochs=2, data.subset=2000"."""
-    return ", ".join(f"{key}={_fmt_value(values[key])}" for key in settings)
-
-
-def _fmt_value(value) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{key}={format_setting(values[key])}" for key in settings)
 
 
 def _secondary_styles(keys: list[tuple]) -> dict[tuple, object]:
@@ -222,7 +289,13 @@ def _share_batch_independent(rows: pd.DataFrame, settings: list[str]) -> pd.Data
 
 
 def _is_na(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value == "-"
+    return is_missing(value) or value == EMPTY
+
+
+def _batch_x(rows: pd.DataFrame) -> pd.Series:
+    """Where a row sits on a batch axis: its normalization batch, or the SGD batch of a
+    batch-independent norm (which has none)."""
+    return rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
 
 
 def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
@@ -232,8 +305,8 @@ def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
     rows = rows[rows["n_completed"] > 0].copy()
     settings = table_setting_columns(table)
     rows = _share_batch_independent(rows, settings)
-    order = norm_order()
-    rows["x"] = rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
+    looks = norm_styles(rows["norm"])
+    rows["x"] = _batch_x(rows)
     rows["error"] = 100.0 - rows["test_acc_mean"]
     rows["sgd_batch_if_virtual"] = rows["batch_size"].where(rows["virtual_batch"].notna())
     show_placement = rows["placement"].nunique() > 1
@@ -255,7 +328,7 @@ def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
                 label += f", {int(devices)} devices"
             if line["norm_batch"].isna().all():
                 label += " [batch-independent]"
-            secondary = (norm != norm.split("-")[0], placement, sgd_batch, int(devices))
+            secondary = (norm != base_norm(norm), placement, sgd_batch, int(devices))
             lines.append((secondary, norm, label, line.sort_values("x")))
         lines = _spread_batch_independent(lines)
         panel_row = dict(zip(panel_keys, panel_key))
@@ -271,7 +344,7 @@ def plot_error_vs_batch(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
         for offset, (secondary, norm, label, line) in zip(_offsets(len(lines), step=0.12, max_total=0.6), lines):
             x = line["x"] * 2.0 ** offset  # nudged sideways on the log2 axis
             color = _draw_line(ax, x, line["error"], norm=norm, label=label, linestyle=styles[secondary],
-                               order=order)
+                               style=looks[norm])
             spread = line["n_completed"] > 1
             if show_spread and spread.any():
                 ax.errorbar(x[spread], line["error"][spread], yerr=line["test_acc_std"][spread], fmt="none",
@@ -288,7 +361,7 @@ def plot_curves(table: pd.DataFrame, curves: pd.DataFrame, protocol: str, *, met
     rows, lr_note = _one_lr_per_setting(table)
     settings = table_setting_columns(table)
     keys = [*setting_keys(settings), "lr"]
-    order = norm_order()
+    looks = norm_styles(rows["norm"])
     plotted = curves.dropna(subset=[metric]) if metric in curves.columns else curves.iloc[0:0]
     show_placement = rows["placement"].nunique() > 1
     several_models = rows["model"].nunique() > 1
@@ -305,7 +378,7 @@ def plot_curves(table: pd.DataFrame, curves: pd.DataFrame, protocol: str, *, met
         if not pd.isna(virtual_batch):
             label += f" (norm batch {virtual_batch})"
         panel = (row["model"], *(row[key] for key in settings), int(row["batch_size"]), int(row["devices"]))
-        secondary = (norm != norm.split("-")[0], row["placement"],
+        secondary = (norm != base_norm(norm), row["placement"],
                      None if pd.isna(virtual_batch) else int(virtual_batch))
         lines.append((panel, secondary, norm, label, per_epoch))
 
@@ -327,7 +400,7 @@ def plot_curves(table: pd.DataFrame, curves: pd.DataFrame, protocol: str, *, met
             x = per_epoch.index.to_numpy(dtype=float) + offset
             markevery = max(1, math.ceil(len(x) / 15))
             color = _draw_line(ax, x, per_epoch["mean"], norm=norm, label=label,
-                               linestyle=styles[secondary], order=order, markevery=markevery)
+                               linestyle=styles[secondary], style=looks[norm], markevery=markevery)
             spread = per_epoch["count"] > 1
             if show_spread and spread.any():
                 mean, std = per_epoch["mean"][spread], per_epoch["std"][spread]
@@ -369,7 +442,7 @@ def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
     rows = rows[rows["n_completed"] > 0].copy()
     settings = table_setting_columns(table)
     present = [line for line in GAP_LINES if line[0] in rows.columns and rows[line[0]].notna().any()]
-    rows["x"] = rows["norm_batch"].fillna(rows["batch_size"]).astype(float)
+    rows["x"] = _batch_x(rows)
     seeds_text, show_spread = seeds_phrase(rows["n_completed"])
     virtual = rows[rows["virtual_batch"].notna()]
     per_device = sorted(set(virtual["x"])) if len(virtual) else []

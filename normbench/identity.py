@@ -1,6 +1,14 @@
-"""What makes a run *this* run: its folder name, its label, its effective learning rate, and the
-config that its fingerprint hashes. The runner, the checkpoint, summary.json and the report all
-ask here, so two runs are the same run (or comparable runs) by one definition.
+"""What makes a run *this* run: its folder name, its label, its effective learning rate, and its
+identity, the part of its config that determines its results. The runner, the checkpoint, the
+skip of a finished run, summary.json and the report all ask here, so two runs are the same run
+(or comparable runs) by one definition.
+
+The identity is computed from a recorded config, never trusted from a stored hash:
+- keys that no result depends on are declared in conf/ beside them (`identity_ignores`);
+- a key at its conf/ default counts as absent, so an option added at a default that does what
+  runs did before it leaves every finished run's identity as it was;
+- values resolved on the machine (amp=auto, compile=auto) are recorded as resolved;
+- RESULTS_VERSION says that the code now computes something else: older runs are other runs.
 
 Torch-free at import (the command line composes run names before any training is due).
 """

@@ -1,12 +1,12 @@
 """Turn a sweep of run folders into comparison tables and figures.
 
-    normbench-report runs/ [--out DIR] [--target-acc 80] [--select-best lr]
+    normbench-report runs/ [--out DIR] [--target-acc ACC] [--select-best lr]
 
 A run folder is any directory holding ``summary.json`` (and ``metrics.csv``), as written by
 the trainer. Library use::
 
     runs = collect_runs(["runs/"])          # one row per run
-    table = aggregate(runs, target_acc=80)  # one row per setting and base lr
+    table = aggregate(runs)                 # one row per setting and base lr
     files = write_report(["runs/"], "runs/report")
 
 The work is split: ``normbench.collect`` reads runs (and decides which are comparable),
@@ -38,6 +38,7 @@ from normbench.collect import (  # noqa: F401  (the library interface of the rep
 from normbench.errors import UserError
 from normbench.figures import FIGURES
 from normbench.table import (  # noqa: F401
+    DEFAULT_TARGET_ACC,
     aggregate,
     format_table,
     row_keys,
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 NO_RUNS_HINT = "a run folder holds summary.json; run a sweep first, e.g. normbench experiment=quick"
-TABLE_FILES = ("table.md", "table.csv", "table.tex")
 
 
 @dataclass
@@ -81,7 +81,7 @@ def default_out_dir(paths: list) -> Path:
 
 
 def load_report(
-    paths: Iterable[str | os.PathLike], target_acc: float = 80.0, select_best: str | None = None
+    paths: Iterable[str | os.PathLike], target_acc: float = DEFAULT_TARGET_ACC, select_best: str | None = None
 ) -> Report:
     """Collect and aggregate the runs under `paths`; raises UserError if there are none."""
     paths = list(paths)
@@ -98,7 +98,7 @@ def load_report(
 def write_report(
     paths: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
-    target_acc: float = 80.0,
+    target_acc: float = DEFAULT_TARGET_ACC,
     select_best: str | None = None,
 ) -> dict[str, Path]:
     """Collect the runs under `paths`, write tables and figures to `out_dir` (default
@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep roots")
     parser.add_argument("--out", default=None, help="output folder (default: <first PATH>/report)")
-    parser.add_argument("--target-acc", type=float, default=80.0,
-                        help="test accuracy (%%) for the 'epochs to target' column (default 80)")
+    parser.add_argument("--target-acc", type=float, default=DEFAULT_TARGET_ACC,
+                        help=f"test accuracy (%%) for the 'epochs to target' column (default {DEFAULT_TARGET_ACC:g}: "
+                             "the config's target_acc)")
     parser.add_argument("--select-best", choices=identity.SELECTABLE_KEYS, default=None,
                         help="keep, per setting, the base lr with the best mean validation accuracy")
     return parser

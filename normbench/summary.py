@@ -39,13 +39,18 @@ RESULT_FIELDS = ("status", "reason", "epochs_done", "steps_done", "test_acc", "b
 FIELDS = IDENTITY_FIELDS + RESULT_FIELDS
 # Without these a summary cannot be placed in a table.
 REQUIRED_FIELDS = ("status", "model", "norm", "batch_size", "norm_batch", "lr", "seed", "test_acc")
+# The numeric fields by the kind of their values (the report's column types): floats and integers.
+FLOAT_FIELDS = ("lr", "lr_effective", "test_acc", "best_test_acc", "test_loss", "train_loss", "train_acc", "val_acc",
+                "best_val_acc", "wall_time_s", "seconds_per_epoch", "images_per_s", *GAP_FIELDS)
+INTEGER_FIELDS = ("batch_size", "devices", "virtual_batch", "norm_batch", "seed", "epochs", "epochs_done", "steps_done",
+                  "diverged_step", "train_size", "test_size", "val_size")
 
 
 class BadSummary(Exception):
     """A summary.json that cannot be used; the one-line message says why."""
 
 
-def new(identity: dict, status: str, **fields) -> dict:
+def new(run_identity: dict, status: str, **fields) -> dict:
     """A complete summary: every field of FIELDS, from the run's identity and the given results."""
     if status not in STATUSES:
         raise ValueError(f"unknown status {status!r}")
@@ -53,7 +58,7 @@ def new(identity: dict, status: str, **fields) -> dict:
     if unknown:
         raise ValueError(f"not summary fields: {sorted(unknown)}")
     record = {key: None for key in FIELDS}
-    record.update(identity)
+    record.update(run_identity)
     record.update(fields, status=status)
     record["results_version"] = identity.RESULTS_VERSION
     if record["finished_at"] is None:

@@ -1,8 +1,8 @@
 """The comparison table: runs aggregated over seeds, one row per setting, and its text forms.
 
-    table = aggregate(runs, target_acc=80)   # numeric, one row per setting and base lr
+    table = aggregate(runs)                  # numeric, one row per setting and base lr
     display = format_table(table)            # strings, empty columns dropped
-    to_markdown(display, table_title(table, 80), table_notes(table))
+    to_markdown(display, table_title(table, DEFAULT_TARGET_ACC), table_notes(table))
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import pandas as pd
 
 from normbench import identity, summary
 from normbench.collect import UNKNOWN, epochs_to_target, keyed_runs, load_curves, setting_columns, warn
+from normbench.compose import config_default
 from normbench.errors import UserError
 
-PLACEMENT_ORDER = ["before", "after"]
+# The "epochs to target" column's accuracy (%) unless a report asks for another: the config's.
+DEFAULT_TARGET_ACC: float = config_default("target_acc")
 
 # One row per setting: the table's axes, plus every setting that differs between the runs
 # (setting_columns, stored in table.attrs[SETTING_COLUMNS]) right after the model.
@@ -121,7 +123,7 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
 
 def aggregate(
     runs: pd.DataFrame,
-    target_acc: float = 80.0,
+    target_acc: float = DEFAULT_TARGET_ACC,
     select_best: str | None = None,
     curves: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
@@ -181,14 +183,15 @@ def _fix_table_dtypes(table: pd.DataFrame) -> pd.DataFrame:
 def _tidy_setting_column(column: pd.Series) -> pd.Series:
     """Whole numbers stay whole (grouping turns 5000 next to a null into 5000.0)."""
     numbers = pd.to_numeric(column, errors="coerce")
-    known = column.map(lambda v: not _is_missing(v))
+    known = column.map(lambda v: not is_missing(v))
     if known.any() and numbers[known].notna().all() and (numbers[known] % 1 == 0).all() \
             and not column[known].map(lambda v: isinstance(v, bool)).any():
         return numbers.astype("Int64")
     return column
 
 
-def _is_missing(value) -> bool:
+def is_missing(value) -> bool:
+    """None, NaN or pd.NA: a setting or statistic without a value."""
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
@@ -231,18 +234,23 @@ def norm_order() -> list[str]:
     return list(NORMS)
 
 
+def base_norm(label: str) -> str:
+    """The norm of a norm label: gn of gn-groups16 (identity.norm_label: the name, then its options)."""
+    return label.split("-")[0]
+
+
 def norm_rank(label: str, order: list[str] | None = None) -> tuple[int, str]:
     """Sort key of a norm label: registry order of its base norm (gn-groups16 sorts with gn,
     right after it); unknown norms after every known one, alphabetically."""
     order = norm_order() if order is None else order
-    base = label.split("-")[0]
+    base = base_norm(label)
     return (order.index(base), label) if base in order else (len(order), label)
 
 
 def _value_rank(column: pd.Series) -> pd.Series:
     """Ranks for a column of mixed setting values: numbers ascending, then text, then nulls."""
     def key(value):
-        if _is_missing(value):
+        if is_missing(value):
             return (2, 0.0, "")
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
             return (0, float(value), "")
@@ -257,19 +265,18 @@ def sort_table(table: pd.DataFrame, settings: list[str] | None = None) -> pd.Dat
     """Model, differing settings, placement, norm (registry order), batch descending, devices,
     norm batch descending, lr."""
     settings = table_setting_columns(table) if settings is None else settings
-    lr_column = "lr_selected" if "lr_selected" in table.columns else "lr"
     order = norm_order()
     keys = {"model": table["model"].astype(str)}
     keys.update({f"setting {key}": _value_rank(table[key]) for key in settings})
     keys.update({
         "placement": table["placement"].map(
-            lambda p: PLACEMENT_ORDER.index(p) if p in PLACEMENT_ORDER else len(PLACEMENT_ORDER)),
+            lambda p: identity.PLACEMENTS.index(p) if p in identity.PLACEMENTS else len(identity.PLACEMENTS)),
         "norm_rank": table["norm"].map(lambda n: norm_rank(n, order)[0]),
         "norm_name": table["norm"].map(lambda n: norm_rank(n, order)[1]),
         "batch": -table["batch_size"].astype(float),
         "devices": table["devices"].astype(float),
         "norm_batch": -table["norm_batch"].astype(float).fillna(-np.inf),
-        "lr": table[lr_column].astype(float),
+        "lr": _base_lr(table).astype(float),
     })
     sort_keys = pd.DataFrame(keys, index=table.index)
     return table.loc[sort_keys.sort_values(list(sort_keys.columns), kind="stable").index]
@@ -292,8 +299,9 @@ def _fmt_lr(value) -> str:
     return EMPTY if value is None or pd.isna(value) else f"{value:g}"
 
 
-def _fmt_setting(value) -> str:
-    if _is_missing(value):
+def format_setting(value) -> str:
+    """A setting's value as the table and the figures show it: 5000, 0.5, ema, - (none)."""
+    if is_missing(value):
         return EMPTY
     if isinstance(value, float):
         return f"{value:g}"
@@ -339,7 +347,7 @@ def _base_lr_differs(table: pd.DataFrame) -> bool:
     return not np.allclose(table["lr_effective"].astype(float), _base_lr(table).astype(float), rtol=1e-9, atol=0.0)
 
 
-def format_table(table: pd.DataFrame, target_acc: float = 80.0) -> pd.DataFrame:
+def format_table(table: pd.DataFrame, target_acc: float = DEFAULT_TARGET_ACC) -> pd.DataFrame:
     """The human-readable table (strings) for table.md and table.tex. Columns that are empty in
     every row are left out; so are placement, devices and the base lr when they say nothing
     (all "before", all 1 device, base lr equal to the lr used)."""
@@ -347,8 +355,8 @@ def format_table(table: pd.DataFrame, target_acc: float = 80.0) -> pd.DataFrame:
     rows = list(table.itertuples(index=False))
     columns: dict[str, list] = {"model": list(table["model"])}
     for key in table_setting_columns(table):
-        columns[key] = [_fmt_setting(value) for value in table[key]]
-    if not (table["placement"] == "before").all():
+        columns[key] = [format_setting(value) for value in table[key]]
+    if not (table["placement"] == identity.PLACEMENTS[0]).all():
         columns["placement"] = list(table["placement"])
     columns["norm"] = list(table["norm"])
     columns["batch"] = [str(b) for b in table["batch_size"]]

@@ -15,10 +15,27 @@ from pathlib import Path
 from normbench import atomic, summary as run_summary
 from normbench.distributed import rank
 
+# The names of what a run measures, written here once (the trainer writes them, the report reads
+# them; committed results/ hold them, so a rename is a format change).
+
+# metrics.csv, one row per completed epoch: its columns, in order.
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
                   "lr", "seconds", *run_summary.GAP_FIELDS]
+# The epoch's metrics that TensorBoard shows too: column -> tag (gap_test_ema_acc -> gap/test_ema_acc).
+EPOCH_TAGS = {"train_loss": "train/loss_epoch", "train_acc": "train/acc", "test_loss": "test/loss",
+              "test_acc": "test/acc", "val_loss": "val/loss", "val_acc": "val/acc",
+              **{column: column.replace("gap_", "gap/", 1) for column in run_summary.GAP_FIELDS}}
+# The summary's fields that are the last epoch's values (test_acc, train_loss, ..., the gap's).
+LAST_EPOCH_FIELDS = tuple(column for column in METRIC_COLUMNS if column in run_summary.RESULT_FIELDS)
+# Scalars logged as the run goes, against training images seen.
+TRAIN_LOSS_TAG = "train/loss"  # the mean over the last log_every steps
+LR_TAG = "lr"
+BN_GAP_TAGS = ("bn_gap/mean/{layer}", "bn_gap/logvar/{layer}")  # a BN layer's train/eval statistics gap
+IMAGES_PER_S_TAG, SECONDS_PER_EPOCH_TAG = "perf/images_per_s", "perf/seconds_per_epoch"
+BEST_TEST_ACC_TAG = "summary/best_test_acc"  # once, at the end of a run that did not diverge
 # Scalars shown as metrics in TensorBoard's HPARAMS tab (their last value per run).
-HPARAM_METRICS = ["test/acc", "test/loss", "train/loss", "train/acc", "summary/best_test_acc"]
+HPARAM_METRICS = [EPOCH_TAGS["test_acc"], EPOCH_TAGS["test_loss"], TRAIN_LOSS_TAG, EPOCH_TAGS["train_acc"],
+                  BEST_TEST_ACC_TAG]
 
 
 class RunRecorder:
@@ -47,9 +64,21 @@ class RunRecorder:
         for summary in hparams_summary(clean, {tag: math.nan for tag in HPARAM_METRICS}):
             self.writer.file_writer.add_summary(summary)
 
+    def epoch_scalars(self, row: dict, step: int) -> None:
+        """The TensorBoard scalars of one epoch's row (EPOCH_TAGS), those it has a value for (a gap
+        accuracy also needs a finite one: NaN where no complete group of images was left)."""
+        for column, tag in EPOCH_TAGS.items():
+            value = row[column]
+            if value is not None and (column not in run_summary.GAP_FIELDS or math.isfinite(value)):
+                self.scalar(tag, value, step)
+
     def epoch_row(self, row: dict) -> None:
-        """Append one epoch's metrics and rewrite metrics.csv atomically."""
-        self.rows.append({k: row.get(k) for k in METRIC_COLUMNS})
+        """Append one epoch's metrics (a value for every column of METRIC_COLUMNS, None where the epoch
+        has none) and rewrite metrics.csv atomically."""
+        if set(row) != set(METRIC_COLUMNS):
+            odd = sorted(set(row) ^ set(METRIC_COLUMNS))
+            raise ValueError(f"an epoch row has the columns of METRIC_COLUMNS: {odd} are extra or missing")
+        self.rows.append({k: row[k] for k in METRIC_COLUMNS})
         if not self.enabled:
             return
         buf = io.StringIO()

@@ -1,8 +1,10 @@
 """One training run, top to bottom: data, model, optimizer, the loop, evaluation, checkpoints.
 
-`train()` reads as the run goes: set up, resume, then epochs of `train_epoch` (the steps) and
-`end_epoch` (evaluation, logging, checkpoint), then the summary. The run's mutable state lives
-in one `RunState`, which is what a checkpoint saves besides the model, optimizer and schedule.
+`train()` reads as the run goes: set up (`Run`, from the builders below), resume, then epochs of
+`train_epoch` (the steps) and `end_epoch` (evaluate, record, checkpoint), then the summary. What is
+measured at an epoch's end is one unit of its own (`evaluation.EvaluationSuite`). The run's mutable
+state lives in one `RunState`, which is what a checkpoint saves besides the model, optimizer and
+schedule.
 
 The loop keeps per-step values on the device and syncs with the host only every `log_every`
 steps (train loss scalar, divergence check) and at epoch ends. TensorBoard's x axis is the
@@ -12,15 +14,14 @@ whatever its batch size.
 Data-parallel (torchrun, SLURM: `distributed`): every rank builds the same Run; the model is
 wrapped in DistributedDataParallel (gradients averaged), each rank trains on its slice of every
 global batch and evaluates its shard of the test set, metrics are summed over the ranks in one
-place (`reduce_over_ranks`), rank 0 alone writes files, and a checkpoint also holds what differs
-between the ranks (running statistics, the epoch's sums), so every rank resumes exactly.
+place (`evaluation.reduce_over_ranks`), rank 0 alone writes files, and a checkpoint also holds what
+differs between the ranks (running statistics, the epoch's sums), so every rank resumes exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 import math
 import random
 import time
@@ -32,42 +33,89 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from normbench import checkpoint, data, distributed, identity, norms, summary
+from normbench import checkpoint, data, distributed, identity, models, norms, summary, tracking
+from normbench.device import resolve_device, uses_bf16, uses_compile
 from normbench.errors import UserError
-from normbench.models import build_model
+from normbench.evaluation import EvaluationSuite, reduce_over_ranks
 from normbench.tracking import RunRecorder
 
-
-# --------------------------------------------------------------------------- setup helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is available here; use device=auto or device=cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("device=mps but MPS is not available here; use device=auto or device=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+# PreciseBN's batches are drawn with the run's seed plus this: apart from the run's data order.
+PRECISE_BN_SEED_OFFSET = 104729
 
 
-def norm_options(cfg: DictConfig) -> dict:
-    return {k: v for k, v in cfg.norm.items() if k != "name"}
+# --------------------------------------------------------------------------- setup: the builders
 
 
-def make_model(cfg: DictConfig) -> torch.nn.Module:
-    try:
-        return build_model(cfg.model.name, cfg.norm.name, num_classes=data.NUM_CLASSES,
-                           model_options=identity.model_options(cfg.model), **norm_options(cfg))
-    except (norms.NormConfigError, KeyError, ValueError) as e:
-        raise UserError(f"cannot build {cfg.model.name} with norm={cfg.norm.name}: {e.args[0] if e.args else e}") from None
+def run_device(name: str, world: int) -> torch.device:
+    """The device asked for (``device.resolve_device``); on CUDA a data-parallel run takes one GPU per process."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", distributed.gpu_index())
+    return device
+
+
+def autocast_for(amp, device: torch.device):
+    """A context-manager factory for the forward passes: bf16 autocast where the run uses it
+    (``device.uses_bf16``), a no-op otherwise."""
+    if uses_bf16(amp, device.type):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_data(cfg: DictConfig, device: torch.device, world: int) -> data.Dataset:
+    """The run's splits on its device: decoded once and cached, subsets drawn with a seed of their own."""
+    ds = data.select(data.load_cifar10(cfg.data.root, cfg.data.cache_dir), cfg.data.subset,
+                     cfg.data.test_subset, cfg.data.val_split, cfg.seed).to(device)
+    if cfg.batch_size * world > len(ds.train):
+        on_devices = f" x {world} devices" if world > 1 else ""
+        raise UserError(f"batch_size={cfg.batch_size}{on_devices} is larger than the training set ({len(ds.train)} "
+                        "images); lower it or raise data.subset")
+    return ds
+
+
+def training_batches(cfg: DictConfig, ds: data.Dataset, device: torch.device, seed: int) -> data.Batches:
+    """Augmented training batches in the order of `seed` (this rank's slice of each global batch)."""
+    return data.Batches(ds.train, cfg.batch_size, device, train=True, seed=seed, crop_padding=cfg.data.crop_padding,
+                        flip=cfg.data.flip, rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model as the training step calls it: wrapped in DistributedDataParallel (gradients
+    averaged over the ranks) in a data-parallel run, the model itself otherwise."""
+    if not distributed.is_initialized():
+        return model
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # No buffer sync before each forward (broadcast_buffers=False; torch >= 2.13 calls it
+    # forward_sync_buffers): each rank keeps the running statistics of its own batches, as separate
+    # devices do without synchronized BN (norm.sync=true is what makes them agree). DDP's default
+    # would copy rank 0's over them before every forward, which also changes Batch Renorm's training
+    # forward (it corrects towards its running statistics). Evaluation uses rank 0's (evaluation.rank0_buffers).
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False})
+
+
+def build_model(cfg: DictConfig, device: torch.device, total_steps: int, log) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The run's model (its initial weights the seed's) on its device, and what the training step
+    calls: the model in DDP in a data-parallel run, compiled where the run compiles (``device.uses_compile``)."""
+    seed_everything(cfg.seed)
+    model = models.build_from_config(cfg).to(device)
+    norms.set_training_length(model, total_steps)
+    train_model = data_parallel(model, device)
+    if uses_compile(cfg.compile, device.type):
+        # The training forward only (evaluation stays eager: it runs a few times per run); the
+        # parameters and buffers are the model's, so checkpoints and evaluation see the same state.
+        train_model = torch.compile(train_model)
+    if cfg.norm.get("sync") and distributed.world_size() == 1:
+        log("warning: norm.sync=true in a single process: statistics are this process's batch, as without sync")
+    elif cfg.norm.get("sync") and cfg.norm.get("virtual_batch") is not None:
+        log("warning: norm.sync=true has no effect with norm.virtual_batch: each virtual group keeps its own statistics")
+    return model, train_model
 
 
 def _cosine(cfg, optimizer, total_steps: int, warmup: int):
@@ -89,92 +137,28 @@ def _onecycle(cfg, optimizer, total_steps: int, warmup: int):
 SCHEDULERS = {"cosine": _cosine, "onecycle": _onecycle}
 
 
-def make_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch: int):
+def build_optimizer_and_schedule(cfg: DictConfig, model: torch.nn.Module, total_steps: int, steps_per_epoch: int):
+    """SGD at the effective lr (the base lr scaled with the global batch), and its per-step schedule."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=identity.effective_lr(cfg), momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+                                weight_decay=cfg.optim.weight_decay)
     warmup = min(int(round(cfg.sched.warmup_epochs * steps_per_epoch)), total_steps - 1)
-    return SCHEDULERS[cfg.sched.name](cfg, optimizer, total_steps, warmup)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def reduce_over_ranks(*values: torch.Tensor, op: str = "sum") -> list[torch.Tensor]:
-    """Per-process 0-dim tensors combined over the ranks of a data-parallel run, their "sum" or
-    "min" (the one place metrics are reduced); the values themselves in a single process."""
-    if not distributed.is_initialized():
-        return list(values)
-    stacked = torch.stack([v.double() for v in values])
-    torch.distributed.all_reduce(stacked, op={"sum": torch.distributed.ReduceOp.SUM,
-                                              "min": torch.distributed.ReduceOp.MIN}[op])
-    return list(stacked.unbind())
-
-
-def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model as the training step calls it: wrapped in DistributedDataParallel (gradients
-    averaged over the ranks) in a data-parallel run, the model itself otherwise."""
-    if not distributed.is_initialized():
-        return model
-    ddp = torch.nn.parallel.DistributedDataParallel
-    # No buffer sync before each forward (broadcast_buffers=False; torch >= 2.13 calls it
-    # forward_sync_buffers): each rank keeps the running statistics of its own batches, as separate
-    # devices do without synchronized BN (norm.sync=true is what makes them agree). DDP's default
-    # would copy rank 0's over them before every forward, which also changes Batch Renorm's training
-    # forward (it corrects towards its running statistics). Evaluation uses rank 0's (Run.rank0_buffers).
-    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False})
-
-
-@torch.no_grad()
-def evaluate(model, batches: data.Batches, autocast, batch_stats: int | None = None) -> tuple[float, float]:
-    """Mean loss and accuracy (%) over a whole split (this rank's shard, reduced over the ranks);
-    one host sync. In eval mode, or with ``batch_stats=k``: with mini-batch statistics, every
-    batch-statistics layer normalizing each consecutive group of k images (in the fixed random
-    order of ``eval_batches_for``) with that group's statistics, running statistics untouched (``norms.batch_stats_mode``);
-    the last len % k images, too few for a group, are left out."""
-    loss_sum = torch.zeros((), device=batches.device)
-    correct = torch.zeros((), device=batches.device, dtype=torch.long)
-    seen = torch.zeros((), device=batches.device, dtype=torch.long)
-    mode = norms.batch_stats_mode(model, batch_stats) if batch_stats else contextlib.nullcontext()
-    model.eval()
-    with mode:
-        for x, y in batches.epoch():
-            if batch_stats:
-                keep = len(y) - len(y) % batch_stats
-                if keep == 0:
-                    continue
-                x, y = x[:keep], y[:keep]
-            with autocast():
-                logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-    loss_sum, correct, n = reduce_over_ranks(loss_sum, correct, seen.double())
-    if n.item() == 0:
-        return math.nan, math.nan
-    return loss_sum.item() / n.item(), 100.0 * correct.item() / n.item()
-
-
-def eval_batches_for(split: data.Split, batch_size: int, group: int | None, device, **shard) -> data.Batches:
-    """Evaluation batches; for mini-batch statistics a whole number of groups of ``group`` images each,
-    drawn in a fixed random order: the splits are stored sorted by class, and a group of one class
-    would be normalized with that class's statistics (the class removed), unlike any training batch."""
-    if group:
-        batch_size = group * max(1, batch_size // group)
-        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
-        split = split.take(order.to(split.x.device))
-    return data.Batches(split, batch_size, device, train=False, **shard)
+    return optimizer, SCHEDULERS[cfg.sched.name](cfg, optimizer, total_steps, warmup)
 
 
 # --------------------------------------------------------------------------- the run's state
 
 
-def _accumulators(device) -> dict[str, torch.Tensor]:
-    """Per-epoch sums kept on the device (no host sync per step)."""
+def new_sums(device) -> dict[str, torch.Tensor]:
+    """The sums the steps add to, kept on the device (no host sync per step): the epoch's loss,
+    correct and seen images, the log window's loss and steps, and the first step whose loss was
+    not finite (-1: none yet)."""
     z = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-    return {"loss_sum": z(), "correct": z(torch.long), "seen": z(torch.long),
-            "window_loss": z(), "window_n": z(torch.long), "first_bad_step": z(torch.long) - 1}
+    return {"loss": z(), "correct": z(torch.long), "seen": z(torch.long),
+            "window_loss": z(), "window_steps": z(torch.long), "first_bad_step": z(torch.long) - 1}
+
+
+EPOCH_SUMS = ("loss", "correct", "seen")  # the sums that start again at each epoch
 
 
 @dataclass
@@ -190,7 +174,7 @@ class RunState:
     elapsed_s: float = 0.0  # wall time of earlier attempts (before the checkpoint we resumed)
     train_s: float = 0.0  # training time of completed epochs (no evaluation)
     epoch_s: float = 0.0  # training time already spent in the current epoch by earlier attempts
-    acc: dict[str, torch.Tensor] = field(default_factory=dict)  # _accumulators
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # new_sums
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -198,14 +182,14 @@ class RunState:
     def load_state_dict(self, state: dict, device) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-        self.acc = {k: v.to(device) for k, v in self.acc.items()}
+        self.sums = {k: v.to(device) for k, v in self.sums.items()}
 
 
 # --------------------------------------------------------------------------- the run
 
 
 class Run:
-    """One run's objects (config, data, model, optimizer, schedule, recorder) and its state."""
+    """One run's objects (config, data, model, optimizer, schedule, evaluation suite, recorder) and its state."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, log):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
@@ -213,78 +197,41 @@ class Run:
         self.config = identity.run_config(cfg)
         self.fingerprint = identity.fingerprint(self.config)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.device = device = resolve_device(cfg.device)
-        if device.type == "cuda" and device.index is None and self.world > 1:
-            self.device = device = torch.device("cuda", distributed.gpu_index())  # one GPU per process
+        self.device = run_device(cfg.device, self.world)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        use_amp = device.type == "cuda" if cfg.amp == "auto" else cfg.amp is True
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-
-        # Data: decoded once, cached; subsets drawn with a seed of their own.
-        self.ds = ds = data.select(data.load_cifar10(cfg.data.root, cfg.data.cache_dir), cfg.data.subset,
-                                   cfg.data.test_subset, cfg.data.val_split, cfg.seed).to(device)
-        if cfg.batch_size * self.world > len(ds.train):
-            on_devices = f" x {self.world} devices" if self.world > 1 else ""
-            raise UserError(f"batch_size={cfg.batch_size}{on_devices} is larger than the training set ({len(ds.train)} "
-                            "images); lower it or raise data.subset")
-        self.train_batches = self.train_batches_from(cfg.seed)
-        shard = {"rank": self.rank, "world_size": self.world}  # each rank evaluates its shard
-        self.test_batches = data.Batches(ds.test, cfg.data.eval_batch_size, device, train=False, **shard)
-        self.val_batches = data.Batches(ds.val, cfg.data.eval_batch_size, device, train=False, **shard) if ds.val else None
-        # Training vs inference statistics (issue 12): batch-dependent norms only; their normalization batch.
-        self.batch_dependent = identity.uses_batch_stats(cfg.norm)
-        self.eval_stats = cfg.eval_stats if self.batch_dependent else "ema"
-        self.stat_group = identity.run_identity(cfg)["norm_batch"] if self.batch_dependent else None
-        eval_bs = cfg.data.eval_batch_size
-        if self.batch_dependent:
-            self.test_group_batches = eval_batches_for(ds.test, eval_bs, self.stat_group, device, **shard)
-            self.val_group_batches = eval_batches_for(ds.val, eval_bs, self.stat_group, device, **shard) if ds.val else None
-        n_slice = min(int(cfg.gap_train_images or 0), len(ds.train))
-        self.train_slice_batches = None
-        if n_slice:  # fixed (seeded apart from the run's data order), class-balanced, no augmentation
-            train_slice = ds.train
-            if n_slice < len(ds.train):
-                idx = data.balanced_indices(ds.train.y.cpu(), n_slice, torch.Generator().manual_seed(20_000 + cfg.seed))
-                train_slice = ds.train.take(idx.to(ds.train.y.device))
-            self.train_slice_batches = eval_batches_for(train_slice, eval_bs, self.stat_group, device, **shard)
+        self.autocast = autocast_for(cfg.amp, self.device)
+        self.ds = build_data(cfg, self.device, self.world)
+        self.train_batches = training_batches(cfg, self.ds, self.device, cfg.seed)
         self.steps_per_epoch = len(self.train_batches)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-
-        seed_everything(cfg.seed)
-        self.model = model = make_model(cfg).to(device)
-        norms.set_training_length(model, self.total_steps)
-        self.train_model = data_parallel(model, device)
-        if cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda"):
-            # The training forward only (evaluation stays eager: it runs a few times per run); the
-            # parameters and buffers are the model's, so checkpoints and evaluation see the same state.
-            self.train_model = torch.compile(self.train_model)
-        if cfg.norm.get("sync") and self.world == 1:
-            log("warning: norm.sync=true in a single process: statistics are this process's batch, as without sync")
-        elif cfg.norm.get("sync") and cfg.norm.get("virtual_batch") is not None:
-            log("warning: norm.sync=true has no effect with norm.virtual_batch: each virtual group keeps its own statistics")
-        self.lr = identity.effective_lr(cfg)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=cfg.optim.momentum,
-                                         nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
-                                         weight_decay=cfg.optim.weight_decay)
-        self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
-        self.state = RunState(acc=_accumulators(device))
+        self.model, self.train_model = build_model(cfg, self.device, self.total_steps, log)
+        self.optimizer, self.scheduler = build_optimizer_and_schedule(cfg, self.model, self.total_steps,
+                                                                      self.steps_per_epoch)
+        self.evaluation = EvaluationSuite(
+            cfg, self.ds, self.model, self.autocast, self.device,
+            precise_source=training_batches(cfg, self.ds, self.device, cfg.seed + PRECISE_BN_SEED_OFFSET))
+        self.state = RunState(sums=new_sums(self.device))
         self.ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
         self.recorder: RunRecorder | None = None
         # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
-        self.log_every, self.gap_every = int(cfg.log_every), int(cfg.stat_gap_every or 0)
+        self.log_every, self.stat_gap_every = int(cfg.log_every), int(cfg.stat_gap_every or 0)
         self.ckpt_every = int(cfg.ckpt_every or 0)
         # A host sync is free on the CPU; the divergence check of a data-parallel run is a collective.
-        self.sync_every = 1 if device.type == "cpu" and self.world == 1 else self.log_every
+        self.sync_every = 1 if self.device.type == "cpu" and self.world == 1 else self.log_every
 
-    def train_batches_from(self, seed: int) -> data.Batches:
-        cfg = self.cfg
-        return data.Batches(self.ds.train, cfg.batch_size, self.device, train=True, seed=seed,
-                            crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, rank=self.rank, world_size=self.world)
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
 
     def images_seen(self, step: int) -> int:
         """TensorBoard's x axis: training images seen after `step` steps (one epoch = the training set)."""
         return step * len(self.ds.train) // self.steps_per_epoch
+
+    def frozen_epoch(self, epoch: int) -> bool:
+        """Whether epoch (0-based) is in the FrozenBN tail (the last freeze_stats_epochs epochs)."""
+        k = int(self.cfg.freeze_stats_epochs or 0) if self.evaluation.batch_dependent else 0
+        return k > 0 and epoch >= self.cfg.epochs - k
 
     # -- checkpoints ---------------------------------------------------------------------
     def resume(self) -> None:
@@ -318,7 +265,7 @@ class Run:
             with torch.no_grad():
                 for name, buffer in self.model.named_buffers():
                     buffer.copy_(own["buffers"][name])
-            self.state.acc = {k: v.to(self.device) for k, v in own["acc"].items()}
+            self.state.sums = {k: v.to(self.device) for k, v in own["sums"].items()}
         if saved["threads"] != torch.get_num_threads():
             self.log(f"warning: resuming with {torch.get_num_threads()} CPU threads, the checkpoint was written with "
                      f"{saved['threads']}: CPU results may differ from an uninterrupted run in the last digits")
@@ -329,7 +276,7 @@ class Run:
         """What differs between the ranks of a data-parallel run: the running statistics of their own
         batches (BN without sync) and their sums of the epoch so far."""
         return {"buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()},
-                "acc": {k: v.cpu() for k, v in self.state.acc.items()}}
+                "sums": {k: v.cpu() for k, v in self.state.sums.items()}}
 
     def save_checkpoint(self, epoch_s_so_far: float = 0.0) -> None:
         rank_states = distributed.gather(self.rank_state()) if self.world > 1 else None  # every rank takes part
@@ -372,30 +319,15 @@ class Run:
     # -- one epoch of steps --------------------------------------------------------------
     def train_epoch(self, bar=None) -> int | None:
         """Train to the end of the current epoch; returns the first step with a non-finite loss, if any."""
-        s, acc, model, recorder = self.state, self.state.acc, self.model, self.recorder
-        model.train()
+        s = self.state
+        self.model.train()
         if self.frozen_epoch(s.epoch):  # FrozenBN tail: population statistics, not updated
-            norms.freeze_batch_stats(model)
+            norms.freeze_batch_stats(self.model)
         self._sync()
         t_epoch = time.perf_counter()
         for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch):
-            record_gaps = self.gap_every and s.step % self.gap_every == 0
-            with self.autocast(), (norms.recording_batch_stats(model) if record_gaps else contextlib.nullcontext()):
-                logits = self.train_model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            # Everything below stays on the device: no host sync per step.
-            loss_d = loss.detach()
-            acc["first_bad_step"] = torch.where((acc["first_bad_step"] < 0) & ~torch.isfinite(loss_d),
-                                                s.step, acc["first_bad_step"])
-            acc["loss_sum"] += loss_d * len(y)
-            acc["correct"] += (logits.detach().argmax(1) == y).sum()
-            acc["seen"] += len(y)
-            acc["window_loss"] += loss_d
-            acc["window_n"] += 1
+            record_gaps = self.stat_gap_every and s.step % self.stat_gap_every == 0
+            self.train_step(x, y, record_gaps)
             s.step += 1
             s.batch_in_epoch += 1
             if bar is not None:
@@ -408,13 +340,7 @@ class Run:
                 if bad_step is not None:
                     return bad_step
             if s.step % self.log_every == 0:
-                window_loss, window_n = reduce_over_ranks(acc["window_loss"], acc["window_n"])
-                recorder.scalar("train/loss", window_loss / window_n, x_axis)
-                recorder.scalar("lr", self.scheduler.get_last_lr()[0], x_axis)
-                for tag, value in norms.schedule_scalars(model).items():
-                    recorder.scalar(tag, value, x_axis)
-                acc["window_loss"].zero_()
-                acc["window_n"].zero_()
+                self.log_train_window(x_axis)
             if self.ckpt_every and s.step % self.ckpt_every == 0 and s.batch_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(s.epoch_s + time.perf_counter() - t_epoch)
         self._sync()
@@ -422,18 +348,49 @@ class Run:
         s.epoch_s = 0.0
         return self.diverged_at()
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, record_gaps: bool) -> None:
+        """One optimizer step (step `state.step`); its loss and accuracy go to the sums, on the device."""
+        sums = self.state.sums
+        with self.autocast(), (norms.recording_batch_stats(self.model) if record_gaps else contextlib.nullcontext()):
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        # Everything below stays on the device: no host sync per step.
+        loss = loss.detach()
+        sums["first_bad_step"] = torch.where((sums["first_bad_step"] < 0) & ~torch.isfinite(loss),
+                                             self.state.step, sums["first_bad_step"])
+        sums["loss"] += loss * len(y)
+        sums["correct"] += (logits.detach().argmax(1) == y).sum()
+        sums["seen"] += len(y)
+        sums["window_loss"] += loss
+        sums["window_steps"] += 1
+
+    def log_train_window(self, x_axis: int) -> None:
+        """The mean training loss of the steps since the last call, the lr and the norms' schedules."""
+        sums = self.state.sums
+        window_loss, window_steps = reduce_over_ranks(sums["window_loss"], sums["window_steps"])
+        self.recorder.scalar(tracking.TRAIN_LOSS_TAG, window_loss / window_steps, x_axis)
+        self.recorder.scalar(tracking.LR_TAG, self.scheduler.get_last_lr()[0], x_axis)
+        for tag, value in norms.schedule_scalars(self.model).items():
+            self.recorder.scalar(tag, value, x_axis)
+        sums["window_loss"].zero_()
+        sums["window_steps"].zero_()
+
     def log_stat_gaps(self, x_axis: int) -> None:
         """BN train/eval statistic gaps of the step just taken, one host sync for all layers."""
         gaps = norms.batch_stat_gaps(self.model)
         if gaps:
             values = torch.stack([torch.stack(pair).float() for pair in gaps.values()]).tolist()
-            for layer, (mean_gap, logvar_gap) in zip(gaps, values):
-                self.recorder.scalar(f"bn_gap/mean/{layer}", mean_gap, x_axis)
-                self.recorder.scalar(f"bn_gap/logvar/{layer}", logvar_gap, x_axis)
+            for layer, layer_values in zip(gaps, values):
+                for tag, value in zip(tracking.BN_GAP_TAGS, layer_values):
+                    self.recorder.scalar(tag.format(layer=layer), value, x_axis)
 
     def diverged_at(self) -> int | None:
         """The first step with a non-finite loss (on any rank: every rank stops at the same step), if any."""
-        first_bad = self.state.acc["first_bad_step"].double()  # -1: none on this rank
+        first_bad = self.state.sums["first_bad_step"].double()  # -1: none on this rank
         earliest = reduce_over_ranks(torch.where(first_bad < 0, math.inf, first_bad), op="min")[0].item()
         return int(earliest) if math.isfinite(earliest) else None
 
@@ -442,134 +399,58 @@ class Run:
             torch.cuda.synchronize()
 
     # -- the end of an epoch -------------------------------------------------------------
-    def frozen_epoch(self, epoch: int) -> bool:
-        """Whether epoch (0-based) is in the FrozenBN tail (the last freeze_stats_epochs epochs)."""
-        k = int(self.cfg.freeze_stats_epochs or 0) if self.batch_dependent else 0
-        return k > 0 and epoch >= self.cfg.epochs - k
-
-    def precise_bn(self) -> None:
-        """PreciseBN on batches of their own (seeded apart, so the run's data order is not disturbed),
-        running through as many of their epochs as precise_batches needs."""
-        extra = self.train_batches_from(self.cfg.seed + 104729)
-        n = int(self.cfg.precise_batches)
-        stream = (x for e in itertools.count(self.state.epoch) for x, _ in extra.epoch(e))
-        norms.precise_bn_update(self.model, stream, n)
-
     def end_epoch(self) -> None:
-        """Evaluate (after PreciseBN, if asked), measure the train/inference statistics gap, log the
-        epoch's row and scalars, checkpoint."""
-        cfg, s, acc, recorder = self.cfg, self.state, self.state.acc, self.recorder
-        gap = dict.fromkeys(summary.GAP_FIELDS)
-        frozen = self.frozen_epoch(s.epoch)  # the epoch just trained: its population statistics stay as they are
-        # The gap's extra evaluation passes cost about as much as the headline one: every gap_every epochs and the last
-        measure_gap = (s.epoch + 1) % cfg.gap_every == 0 or s.epoch + 1 == cfg.epochs
-        if self.eval_stats == "precise" and not frozen:
-            if measure_gap:
-                with self.rank0_buffers():  # the running estimates (ema), before PreciseBN replaces them
-                    gap["gap_test_ema_acc"] = evaluate(self.model, self.test_batches, self.autocast)[1]
-            self.precise_bn()
-        group = self.stat_group if self.eval_stats == "batch" else None
-        with self.rank0_buffers():
-            test_loss, test_acc = evaluate(self.model, self.test_group_batches if group else self.test_batches,
-                                           self.autocast, group)
-            val_loss, val_acc = (None, None)
-            if self.val_batches:
-                val_loss, val_acc = evaluate(self.model, self.val_group_batches if group else self.val_batches,
-                                             self.autocast, group)
-            if measure_gap:
-                gap.update(self.gap_accuracies(test_acc))
+        """Evaluate, record the epoch (metrics.csv, TensorBoard, console), checkpoint."""
+        s = self.state
+        evaluation = self.evaluation.evaluate(s.epoch, frozen=self.frozen_epoch(s.epoch))
         s.epoch += 1
-        loss_sum, correct, seen = reduce_over_ranks(acc["loss_sum"], acc["correct"], acc["seen"])
-        seen = seen.item()
-        row = {"epoch": s.epoch, "step": s.step, "train_loss": loss_sum.item() / seen,
-               "train_acc": 100.0 * correct.item() / seen, "test_loss": test_loss, "test_acc": test_acc,
-               "val_loss": val_loss, "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-               "seconds": round(self.epoch_seconds, 3), **gap}
-        s.train_s += self.epoch_seconds
-        s.best_test_acc = max(s.best_test_acc if s.best_test_acc is not None else -1.0, test_acc)
-        if val_acc is not None:
-            s.best_val_acc = max(s.best_val_acc or 0.0, val_acc)
-        x_axis = self.images_seen(s.step)
-        for tag, key in (("train/loss_epoch", "train_loss"), ("train/acc", "train_acc"), ("test/loss", "test_loss"),
-                         ("test/acc", "test_acc"), ("val/loss", "val_loss"), ("val/acc", "val_acc")):
-            if row[key] is not None:
-                recorder.scalar(tag, row[key], x_axis)
-        for key, value in gap.items():
-            if value is not None and math.isfinite(value):
-                recorder.scalar(key.replace("gap_", "gap/", 1), value, x_axis)
-        recorder.scalar("perf/images_per_s", self.steps_per_epoch * self.global_batch / self.epoch_seconds, x_axis)
-        recorder.scalar("perf/seconds_per_epoch", self.epoch_seconds, x_axis)
-        recorder.epoch_row(row)
-        s.rows = list(recorder.rows)
-        self.log(f"{cfg.run_name} epoch {s.epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                 f"acc {row['train_acc']:.2f}% | test loss {test_loss:.4f} acc {test_acc:.2f}% | {self.epoch_seconds:.1f}s")
+        self.record_epoch(evaluation)
         s.batch_in_epoch = 0
-        acc.update({k: torch.zeros_like(acc[k]) for k in ("loss_sum", "correct", "seen")})
+        s.sums.update({k: torch.zeros_like(s.sums[k]) for k in EPOCH_SUMS})
         self.save_checkpoint()
 
-    def gap_accuracies(self, test_acc: float) -> dict:
-        """The train/inference gap's accuracies beside the headline test accuracy (the model's
-        evaluation statistics): the test set with population and with mini-batch statistics, and the
-        training slice with mini-batch statistics; one extra pass each where they differ."""
-        gap = {}
-        if self.batch_dependent:
-            if self.eval_stats == "batch":
-                gap["gap_test_batchstats_acc"] = test_acc
-                gap["gap_test_popstats_acc"] = gap["gap_test_ema_acc"] = evaluate(
-                    self.model, self.test_batches, self.autocast)[1]
-            else:
-                gap["gap_test_popstats_acc"] = test_acc
-                gap[f"gap_test_{self.eval_stats}_acc"] = test_acc
-                gap["gap_test_batchstats_acc"] = evaluate(self.model, self.test_group_batches, self.autocast,
-                                                          self.stat_group)[1]
-        else:  # batch-independent: the same statistics either way
-            gap["gap_test_batchstats_acc"] = gap["gap_test_popstats_acc"] = test_acc
-        if self.train_slice_batches is not None:
-            gap["gap_train_batchstats_acc"] = evaluate(self.model, self.train_slice_batches, self.autocast,
-                                                       self.stat_group)[1]
-        return gap
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.batch_size * self.world
-
-    @contextlib.contextmanager
-    def rank0_buffers(self):
-        """The run's model is rank 0's (the one its checkpoint holds): in a data-parallel run the
-        other ranks evaluate their shards with rank 0's running statistics, then take their own back."""
-        if self.world == 1:
-            yield
-            return
-        own = [b.clone() for b in self.model.buffers()]
-        for b in self.model.buffers():
-            torch.distributed.broadcast(b, src=0)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, mine in zip(self.model.buffers(), own):
-                    b.copy_(mine)
+    def record_epoch(self, evaluation: dict) -> None:
+        """The epoch's row (its training sums reduced over the ranks, beside its evaluation), the run's
+        best accuracies, the row's scalars and the console line."""
+        s = self.state
+        loss, correct, seen = reduce_over_ranks(*(s.sums[k] for k in EPOCH_SUMS))
+        seen = seen.item()
+        row = {"epoch": s.epoch, "step": s.step, "train_loss": loss.item() / seen,
+               "train_acc": 100.0 * correct.item() / seen, **evaluation, "lr": self.scheduler.get_last_lr()[0],
+               "seconds": round(self.epoch_seconds, 3)}
+        s.train_s += self.epoch_seconds
+        s.best_test_acc = max(s.best_test_acc if s.best_test_acc is not None else -1.0, row["test_acc"])
+        if row["val_acc"] is not None:
+            s.best_val_acc = max(s.best_val_acc or 0.0, row["val_acc"])
+        x_axis = self.images_seen(s.step)
+        self.recorder.epoch_scalars(row, x_axis)
+        images_per_s = self.steps_per_epoch * self.global_batch / self.epoch_seconds
+        self.recorder.scalar(tracking.IMAGES_PER_S_TAG, images_per_s, x_axis)
+        self.recorder.scalar(tracking.SECONDS_PER_EPOCH_TAG, self.epoch_seconds, x_axis)
+        self.recorder.epoch_row(row)
+        s.rows = list(self.recorder.rows)
+        self.log(f"{self.cfg.run_name} epoch {s.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% | "
+                 f"{self.epoch_seconds:.1f}s")
 
     # -- the end of the run --------------------------------------------------------------
     def finish(self, status: str, diverged_step: int | None = None) -> dict:
         """Write summary.json (last: it marks the run finished) and return it."""
-        s, cfg = self.state, self.cfg
+        s = self.state
         if status == summary.DIVERGED:
             self.log(f"diverged: non-finite loss at step {diverged_step}; the run stops here")
         else:
-            self.recorder.scalar("summary/best_test_acc", s.best_test_acc, self.images_seen(s.step))
+            self.recorder.scalar(tracking.BEST_TEST_ACC_TAG, s.best_test_acc, self.images_seen(s.step))
         last = s.rows[-1] if s.rows else {}
         images = len(s.rows) * self.steps_per_epoch * self.global_batch
         record = summary.new(
-            identity.run_identity(cfg), status,
+            identity.run_identity(self.cfg), status,
             reason=f"non-finite loss at step {diverged_step}" if status == summary.DIVERGED else None,
-            epochs_done=len(s.rows), steps_done=s.step, test_acc=last.get("test_acc"), best_test_acc=s.best_test_acc,
-            test_loss=last.get("test_loss"), train_loss=last.get("train_loss"), train_acc=last.get("train_acc"),
-            val_acc=last.get("val_acc"), best_val_acc=s.best_val_acc,
+            epochs_done=len(s.rows), steps_done=s.step, best_test_acc=s.best_test_acc, best_val_acc=s.best_val_acc,
+            **{key: last.get(key) for key in tracking.LAST_EPOCH_FIELDS},
             wall_time_s=round(s.elapsed_s + time.perf_counter() - self.t_start, 3),
             seconds_per_epoch=round(s.train_s / len(s.rows), 3) if s.rows else None,
             images_per_s=round(images / s.train_s, 1) if s.train_s > 0 and images else None,
-            **{key: last.get(key) for key in summary.GAP_FIELDS},
             diverged_step=diverged_step, train_size=len(self.ds.train), test_size=len(self.ds.test),
             val_size=len(self.ds.val) if self.ds.val else 0, device=str(self.device), fingerprint=self.fingerprint,
             config=self.config)
@@ -603,4 +484,3 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
         if bar is not None:
             bar.close()
         run.recorder.close()
-

@@ -13,10 +13,10 @@ import difflib
 import os
 from pathlib import Path
 
-from normbench import identity
+from normbench import device, identity
+from normbench.compose import CONF_DIR, CONFIG_NAME
 from normbench.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The config groups of the command line (model=, norm=, ...): conf/<group>/*.yaml is their registry.
 GROUPS = tuple(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"))
 
@@ -31,7 +31,8 @@ def check_group_choice(group: str, name: str, valid: list[str] | None = None) ->
         raise UserError(f"unknown {group} {name!r}; valid {group} names: {', '.join(valid)}")
 
 
-def _as_int(key: str, value) -> int:
+def _parse_int_setting(key: str, value) -> int:
+    """A setting's value (a command-line string, a YAML number) as a whole number: 8 and 8.0 are 8."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -42,14 +43,14 @@ def _as_int(key: str, value) -> int:
 
 
 def check_positive_int(key: str, value) -> int:
-    number = _as_int(key, value)
+    number = _parse_int_setting(key, value)
     if number <= 0:
         raise UserError(f"{key}={value} must be a positive integer (at least 1)")
     return number
 
 
 def check_nonnegative_int(key: str, value) -> int:
-    number = _as_int(key, value)
+    number = _parse_int_setting(key, value)
     if number < 0:
         raise UserError(f"{key}={value} must be 0 or a positive integer")
     return number
@@ -68,20 +69,6 @@ def check_choice(key: str, value, choices: tuple) -> None:
         raise UserError(f"{key}={value!r} is not one of: {shown}")
 
 
-def check_device(name) -> None:
-    import torch
-
-    name = str(name)
-    if name in ("auto", "cpu", "mps"):
-        return
-    if name == "cuda" or name.startswith("cuda:"):
-        index = name.partition(":")[2]
-        if index and (not index.isdigit() or (torch.cuda.is_available() and int(index) >= torch.cuda.device_count())):
-            raise UserError(f"device={name}: no such GPU here ({torch.cuda.device_count()} visible); use device=auto or cuda:0")
-        return
-    raise UserError(f"device={name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps")
-
-
 def check_lr(value) -> float:
     try:
         lr = float(value)
@@ -92,21 +79,12 @@ def check_lr(value) -> float:
     return lr
 
 
-def check_virtual_batch(virtual_batch, batch_size: int) -> None:
-    if virtual_batch is None:
-        return
-    vb = check_positive_int("norm.virtual_batch", virtual_batch)
-    if batch_size % vb:
-        raise UserError(f"norm.virtual_batch={vb} does not divide batch_size={batch_size}; "
-                        f"choose a divisor of the batch size (the normalization batch is a slice of it)")
-
-
 def check_model(cfg) -> None:
     """Build the model once (cheap, on the CPU): every model and norm option error (a placement, a group
     count that does not divide a layer's channels, zero_init_residual with a norm that cannot) surfaces here."""
-    from normbench.train import make_model
+    from normbench.models import build_from_config
 
-    make_model(cfg)
+    build_from_config(cfg)
 
 
 def check_writable(directory: str | os.PathLike, key: str = "out_dir") -> None:
@@ -134,7 +112,7 @@ def check_data_root(root: str | os.PathLike) -> None:
     try:
         kind, path = data.locate(root)
         if kind == "folder":
-            data._folder_layout(path)  # class folders and readability, by listing names only (no decoding)
+            data.folder_layout(path)  # class folders and readability, by listing names only (no decoding)
     except UserError:
         for folder in missing:
             try:
@@ -146,12 +124,14 @@ def check_data_root(root: str | os.PathLike) -> None:
 
 def check_config(cfg) -> None:
     """Check one run's composed config (what a YAML preset may have set too)."""
+    from normbench import norms  # imports torch
+
     check_group_choice("model", cfg.model.name)
     check_group_choice("norm", cfg.norm.name)
     batch_size = check_positive_int("batch_size", cfg.batch_size)
     check_positive_int("epochs", cfg.epochs)
     check_lr(cfg.lr)
-    check_virtual_batch(cfg.norm.get("virtual_batch"), batch_size)
+    norms.check_virtual_batch(cfg.norm.name, cfg.norm.get("virtual_batch"), batch_size)  # the norms' rule
     check_nonnegative_int("seed", cfg.seed)
     check_positive_int("log_every", cfg.log_every)
     check_choice("eval_stats", cfg.eval_stats, ("ema", "precise", "batch"))
@@ -167,9 +147,9 @@ def check_config(cfg) -> None:
     if cfg.threads is not None:
         check_positive_int("threads", cfg.threads)
     check_positive_int("dist_timeout_s", cfg.dist_timeout_s)
-    check_device(cfg.device)
-    check_choice("amp", cfg.amp, ("auto", True, False))
-    check_choice("compile", cfg.compile, ("auto", True, False))
+    device.check_device(cfg.device)
+    check_choice("amp", cfg.amp, device.SWITCH_CHOICES)
+    check_choice("compile", cfg.compile, device.SWITCH_CHOICES)
     check_choice("progress", cfg.progress, ("auto", True, False))
     check_positive_int("data.eval_batch_size", cfg.data.eval_batch_size)
     check_nonnegative_int("data.crop_padding", cfg.data.crop_padding)
@@ -292,7 +272,7 @@ class _Composer:
         from omegaconf.errors import OmegaConfBaseException
 
         try:
-            return self.hydra.compose_config("config", list(lines), run_mode=run_mode, with_log_configuration=False,
+            return self.hydra.compose_config(CONFIG_NAME, list(lines), run_mode=run_mode, with_log_configuration=False,
                                              validate_sweep_overrides=validate_sweeps)
         except (HydraException, OmegaConfBaseException) as e:
             raise UserError(_one_line(e)) from None

@@ -46,10 +46,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from normbench import atomic  # noqa: E402
+from normbench.compose import compose  # noqa: E402
 from normbench.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from normbench.device import resolve_device, uses_bf16  # noqa: E402
 from normbench.models import build_model  # noqa: E402
 from normbench.norms import NORMS  # noqa: E402
-from normbench.train import resolve_device  # noqa: E402
 
 # Images per timed window: a few steps at batch 128, many at batch 2 (where each step is mostly
 # fixed per-step cost); about a second or two each on 2 CPU cores.
@@ -88,31 +89,17 @@ def synthetic_cifar(root: Path, n_train: int, n_test: int = 1000) -> Path:
 # --------------------------------------------------------------------------- the runner
 
 
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import normbench.cli  # noqa: F401 - registers the run-name resolver
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return compose("config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def runner_rate(args, model: str, norm: str, batch_size: int, data_root: str, extra: list[str] = ()) -> dict:
     """The runner's training images/s: `Run.train_epoch` over windows of `window_steps` steps each (one
     short epoch each; evaluation is not timed), the median of ``args.windows`` after an untimed one."""
     from normbench.train import Run
 
     steps = window_steps(batch_size)
-    cfg = compose_config([
+    cfg = compose([
         f"model={model}", f"norm={norm}", f"batch_size={batch_size}", f"epochs={args.windows + 1}",
         f"data.subset={steps * batch_size}", "data.test_subset=100", f"data.root={data_root}",
         f"data.cache_dir={Path(data_root) / 'cache'}", f"device={args.device}", f"amp={args.amp}",
-        "stat_gap_every=0", "log_every=1000000", "gap_train_images=0", "progress=false", *extra])
+        "stat_gap_every=0", "log_every=1000000", "gap_train_images=0", "progress=false", *extra], hydra_node=False)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,9 +204,10 @@ def memory_child(args) -> None:
     from normbench.train import Run
 
     steps = 20
-    cfg = compose_config([f"model={args.models.split(',')[0]}", "norm=bn", "batch_size=128", "epochs=1",
-                          f"data.root={args.data_root}", f"device={args.device}", "progress=false",
-                          *(["data.cache_dir=" + str(Path(args.data_root) / "cache")] if args.synthetic else [])])
+    cfg = compose([f"model={args.models.split(',')[0]}", "norm=bn", "batch_size=128", "epochs=1",
+                   f"data.root={args.data_root}", f"device={args.device}", "progress=false",
+                   *(["data.cache_dir=" + str(Path(args.data_root) / "cache")] if args.synthetic else [])],
+                  hydra_node=False)
     with tempfile.TemporaryDirectory() as run_dir:
         run = Run(cfg, Path(run_dir), log=lambda *a, **k: None)
         run.start_recording()
@@ -289,7 +277,7 @@ def main() -> None:
     device = resolve_device(args.device)
     sections = set(args.sections.split(",")) if args.sections != "auto" else (
         {"norms", "virtual", "loops", "compile"} if device.type == "cuda" else {"norms", "virtual", "loops", "memory"})
-    use_amp = device.type == "cuda" if args.amp == "auto" else args.amp in ("true", "1")
+    use_amp = uses_bf16(args.amp if args.amp == "auto" else args.amp in ("true", "1"), device.type)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
     lines = [f"# Training throughput ({machine})", "",

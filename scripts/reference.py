@@ -35,9 +35,10 @@ import time
 from pathlib import Path
 
 from normbench import validate
+from normbench.compose import compose as compose_config
+from normbench.compose import expand
 from normbench.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 SWEPT_PER_ARM = ("lr", "seed")  # what varies inside one arm: the tuned rate and the seeds
 POLL_S = 1.0  # how often run_launches looks for a finished launch while waiting for a free slot
 
@@ -81,24 +82,7 @@ def run_launches(launches: list[list[str]], slots: int) -> bool:
 
 def compose(preset: str, overrides: list[str]):
     """The preset's config with `overrides`, as the normbench command would compose one of its jobs."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import normbench.cli  # noqa: F401  (registers the run-name resolver)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"experiment={preset}", *overrides], return_hydra_config=True)
-
-
-def expand(overrides: list[str]) -> list[list[str]]:
-    """The jobs a command line's overrides expand to, exactly as Hydra's basic sweeper does (the
-    product of the swept values)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return compose_config([f"experiment={preset}", *overrides])
 
 
 def sweep_jobs(preset: str, extra: list[str]) -> list[list[str]]:

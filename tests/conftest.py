@@ -15,13 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+
+from normbench.compose import CONF_DIR, compose  # noqa: F401  (CONF_DIR: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -92,19 +89,7 @@ TINY_OVERRIDES = ["model=cnn", "epochs=1", "batch_size=8", "data.eval_batch_size
 
 def compose_cfg(data_root: Path, out_dir: Path, overrides: list[str] = ()):
     """The real composed config (with HydraConfig set, as in a real run), shrunk for tests."""
-    import normbench.cli  # noqa: F401 - registers the run-name resolver
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY_OVERRIDES, f"data.root={data_root}", f"out_dir={out_dir}",
-                                           *overrides], return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(Path(out_dir) / cfg.run_name)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):  # a task function sees the job config without the hydra node
-        del cfg["hydra"]
-    return cfg
+    return compose([*TINY_OVERRIDES, f"data.root={data_root}", f"out_dir={out_dir}", *overrides], hydra_node=False)
 
 
 @pytest.fixture

@@ -133,8 +133,19 @@ def test_output_folder_not_writable(refused, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_gpu(run):
-    assert_one_line_error(run("device=cuda"), "device=cuda", "no CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_gpu(refused, tmp_path, device):
+    # Refused by validation (normbench.device.check_device), before Hydra starts: once refused only
+    # inside the run, after its folder was made.
+    assert_one_line_error(refused(f"device={device}"), f"device={device}", "no CUDA GPU")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                    reason="MPS is available here")
+def test_mps_where_it_is_not_available(refused, tmp_path):
+    assert_one_line_error(refused("device=mps"), "device=mps", "MPS is not available")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_placement_after_needs_cnn(refused):

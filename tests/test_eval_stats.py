@@ -14,7 +14,8 @@ from normbench import data
 from normbench.cli import run_job
 from normbench.norms import build_norm, precise_bn_update
 from normbench.summary import GAP_FIELDS
-from normbench.train import Run, eval_batches_for, evaluate
+from normbench.evaluation import eval_batches_for, evaluate
+from normbench.train import Run
 from tests.conftest import make_image_folder, run_cli
 from tests.test_train import _cli_args, kill_inside_epoch_2, read_metrics, scalars
 
@@ -144,7 +145,7 @@ def test_gap_train_images_option(make_cfg, tmp_path):
     assert off["gap_train_batchstats_acc"] is None
     on = make_cfg("norm=bn", "gap_train_images=30", "seed=1")
     run = Run(on, tmp_path / "x", log=lambda *a: None)
-    train_slice = run.train_slice_batches.split
+    train_slice = run.evaluation.train_slice.split
     assert len(train_slice) == 30 and torch.bincount(train_slice.y, minlength=10).tolist() == [3] * 10  # balanced
     assert run_job(on)["gap_train_batchstats_acc"] is not None
 
@@ -257,7 +258,7 @@ def test_mini_batch_statistics_groups_mix_classes():
     """The splits are stored sorted by class; a group of one class would be normalized with that class's
     statistics. The evaluation groups are a fixed random draw, as training batches are."""
     from normbench import data
-    from normbench.train import eval_batches_for
+    from normbench.evaluation import eval_batches_for
 
     split = data.Split(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(10).repeat_interleave(4))
     first = [eval_batches_for(split, 8, 4, "cpu") for _ in range(2)]

@@ -1,4 +1,6 @@
-"""Tests of normbench.norms: layer definitions, registry <-> conf/norm yaml, weight reparams, PreciseBN."""
+"""Tests of normbench.norms: layer definitions, registry <-> conf/norm yaml, weight reparams, PreciseBN.
+
+Tests that concern every norm enumerate the registry (``NORMS``): adding a norm needs no edit here."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 
+from normbench import validate
 from normbench.errors import UserError
+from normbench.models import build_model
 from normbench.norms import (
     NORMS,
     NormConfigError,
@@ -21,9 +25,9 @@ from normbench.norms import (
     apply_weight_reparam,
     batch_stat_gaps,
     build_norm,
+    check_virtual_batch,
     data_dependent_init,
     is_batch_dependent,
-    list_norms,
     norm_layer_factory,
     precise_bn_update,
     print_norms,
@@ -31,12 +35,13 @@ from normbench.norms import (
     schedule_scalars,
     set_training_length,
 )
-from normbench.norms.activation import MeanOnlyBatchNorm
+from normbench.norms.batch_stat import BatchNorm, BatchStatNorm, MeanOnlyBatchNorm
 
 torch.set_num_threads(1)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "norm"
-EXPECTED_NAMES = ["none", "bn", "brn", "gn", "ln", "in", "wn", "sn", "gn_ws", "frn", "evonorm_s0", "lrn"]
+# The norms whose layers split channels into groups (norm.groups / norm.group_size).
+GROUPED = [name for name, info in NORMS.items() if "groups" in info.options]
 
 
 def structured_input(n=4, c=16, h=5, w=6, seed=0) -> torch.Tensor:
@@ -88,14 +93,20 @@ AXES = {
 # ------------------------------------------------------------------------------------------
 
 
-def test_registry_names_and_info():
-    assert list_norms() == EXPECTED_NAMES == list(NORMS)
+@pytest.mark.parametrize("name", NORMS)
+def test_registry_entry(name):
+    info = NORMS[name]
+    assert isinstance(info, NormInfo) and info.name == name
+    assert info.description and "\n" not in info.description
+    assert "virtual_batch" in info.options and info.options["virtual_batch"] is None
+    assert not {"apply_act", "norm_name"} & set(info.options)  # what build_norm passes itself
+    assert isinstance(build_norm(name, 16), nn.Module) and isinstance(build_norm(name, 16, apply_act=True), nn.Module)
+
+
+def test_weight_norms_reparametrize_and_the_others_do_not():
     for name, info in NORMS.items():
-        assert isinstance(info, NormInfo) and info.name == name
-        assert info.kind in ("activation", "weight")
-        assert info.description and "\n" not in info.description
-        assert "virtual_batch" in info.options and info.options["virtual_batch"] is None
-    assert {n for n, i in NORMS.items() if i.kind == "weight"} == {"wn", "sn", "gn_ws"}
+        conv = apply_weight_reparam(nn.Conv2d(2, 3, 1), name)
+        assert hasattr(conv, "parametrizations") == (info.reparam is not None), name
 
 
 def test_yaml_mirrors_registry():
@@ -121,7 +132,7 @@ def test_unknown_name_and_option_errors():
     with pytest.raises(NormConfigError) as e:
         build_norm("batchnorm", 8)
     msg = str(e.value)
-    assert "\n" not in msg and all(n in msg for n in EXPECTED_NAMES)
+    assert "\n" not in msg and all(n in msg for n in NORMS)
     assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
     with pytest.raises(NormConfigError, match="unknown option"):
         norm_layer_factory("bn", groups=4)  # eager validation
@@ -136,12 +147,10 @@ def test_unknown_name_and_option_errors():
     assert bn.momentum == 0.1 and bn.eps == 1e-5
 
 
-def test_norm_layer_factory_and_batch_dependence():
+def test_norm_layer_factory():
     f = norm_layer_factory("gn", groups=4, eps=1e-3)
     m = f(16)
     assert isinstance(m, nn.GroupNorm) and m.num_groups == 4 and m.eps == 1e-3 and m.num_channels == 16
-    dep = {n for n in NORMS if is_batch_dependent(n)}
-    assert dep == {"bn", "brn"}
     assert is_batch_dependent("wn", mean_only_bn=True)
     assert isinstance(build_norm("wn", 8, mean_only_bn=True), MeanOnlyBatchNorm)
     for n in ("wn", "sn"):
@@ -149,25 +158,108 @@ def test_norm_layer_factory_and_batch_dependence():
     assert isinstance(build_norm("gn_ws", 16), nn.GroupNorm)
 
 
+# Every registry entry with its defaults, and the options that change a norm's batch dependence.
+BATCH_DEPENDENCE_CASES = [(name, {}) for name in NORMS] + [("wn", {"mean_only_bn": True})]
+
+
+@pytest.mark.parametrize("name, opts", BATCH_DEPENDENCE_CASES)
+def test_declared_batch_dependence_is_what_the_layer_does(name, opts):
+    """A training forward of a sample changes with the rest of its batch exactly where the registry declares
+    the norm batch-dependent, and exactly there the slot is a batch-statistics layer (what the modes drive)."""
+    layer = set_training_length(build_norm(name, 8, apply_act=True, **opts), 100).train()
+    x = structured_input(n=4, c=8)
+    with torch.no_grad():
+        alone, together = copy.deepcopy(layer)(x[:1]), copy.deepcopy(layer)(x)[:1]
+    declared = is_batch_dependent(name, **opts)
+    assert declared == (not torch.allclose(alone, together)), (name, opts)
+    assert declared == any(isinstance(m, BatchStatNorm) for m in layer.modules()), (name, opts)
+
+
+def _torch_batch_norm(num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, affine: bool = True,
+                      sync: bool = False) -> nn.Module:
+    """torch's BatchNorm2d (bn's options): batch-dependent, but no BatchStatNorm, so no mode could drive it."""
+    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=affine)
+
+
+def test_batch_dependent_norm_without_a_batch_statistics_layer_is_refused(monkeypatch):
+    """Declared batch-dependent, a norm whose layer is not a BatchStatNorm would be skipped by PreciseBN, the
+    FrozenBN tail, batch-statistics evaluation, sync and the stat gaps: building it is a one-line error."""
+    monkeypatch.setitem(NORMS, "torch_bn", NormInfo("torch_bn", "torch's BatchNorm2d", _torch_batch_norm,
+                                                    batch_dependent=True))
+    for apply_act in (False, True):
+        with pytest.raises(NormConfigError) as e:
+            build_norm("torch_bn", 8, apply_act=apply_act)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("norm 'torch_bn': ") and "batch-dependent" in msg
+        assert "BatchStatNorm" in msg and "BatchNorm2d" in msg and "PreciseBN" in msg
+    with pytest.raises(NormConfigError, match="torch_bn.*batch-dependent"):
+        build_model("cnn", "torch_bn")
+
+
+def test_a_run_with_such_a_norm_is_refused_before_training(make_cfg, monkeypatch):
+    """Validation builds the run's model once: the refusal comes before any training, as a one-line UserError."""
+    cfg = make_cfg("norm=bn")
+    monkeypatch.setitem(NORMS, "bn", NormInfo("bn", "torch's BatchNorm2d", _torch_batch_norm, batch_dependent=True))
+    with pytest.raises(UserError) as e:
+        validate.check_model(cfg)
+    assert "\n" not in str(e.value) and "norm 'bn'" in str(e.value) and "batch-dependent" in str(e.value)
+
+
+def _batch_norm_declared_independent(num_features: int) -> nn.Module:
+    return BatchNorm(num_features)
+
+
+def test_batch_statistics_layer_of_a_norm_declared_batch_independent_is_refused(monkeypatch):
+    monkeypatch.setitem(NORMS, "quiet_bn", NormInfo("quiet_bn", "BN declared batch-independent",
+                                                    _batch_norm_declared_independent))
+    with pytest.raises(NormConfigError) as e:
+        build_norm("quiet_bn", 8)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("norm 'quiet_bn': ") and "batch-independent" in msg
+    assert "BatchNorm" in msg
+
+
+def test_virtual_batch_rule_of_a_run():
+    """One rule, which validation applies to the run's batch size and the layers to every training batch:
+    a positive integer that divides the batch; the message names the chosen norm."""
+    for name, vb, bs in (("bn", None, 6), ("bn", 3, 6), ("bn", 6, 6), ("gn", 2, 8)):
+        check_virtual_batch(name, vb, bs)
+    with pytest.raises(NormConfigError) as e:
+        check_virtual_batch("brn", 4, 6)
+    assert str(e.value).startswith("norm 'brn': norm.virtual_batch=4 does not divide batch_size=6; ")
+    assert "\n" not in str(e.value) and isinstance(e.value, UserError)
+    for bad in (0, -2, 2.0, True, "2"):
+        with pytest.raises(NormConfigError, match="norm 'wn': option virtual_batch must be an integer >= 1"):
+            check_virtual_batch("wn", bad, 8)
+    layer = build_norm("wn", 4, mean_only_bn=True, virtual_batch=4).train()
+    with pytest.raises(NormConfigError, match="^norm 'wn': norm.virtual_batch=4 does not divide batch_size=6; "):
+        layer(torch.randn(6, 4, 2, 2))  # the same rule at a training forward
+
+
 def test_print_norms(capsys):
     print_norms()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == EXPECTED_NAMES
+    assert [ln.split()[0] for ln in lines] == list(NORMS)
     assert all(NORMS[ln.split()[0]].description in ln for ln in lines)
 
 
-@pytest.mark.parametrize("name", ["gn", "evonorm_s0", "gn_ws"])
+def test_grouped_norms():
+    assert {"gn", "gn_ws", "evonorm_s0"} <= set(GROUPED)
+
+
+@pytest.mark.parametrize("name", GROUPED)
 def test_group_count_incompatible_raises(name):
     with pytest.raises(NormConfigError) as e:
         build_norm(name, 12, groups=8)
     msg = str(e.value)
     assert "12" in msg and "groups=8" in msg and "\n" not in msg
+    assert msg.startswith(f"norm '{name}': ")  # the norm chosen (gn_ws's layer is group norm's builder)
+    with pytest.raises(NormConfigError, match=f"^norm '{name}': .*group_size=5"):
+        build_norm(name, 12, group_size=5)
     with pytest.raises(NormConfigError, match="12"):
         norm_layer_factory(name, groups=8)(12)
     with pytest.raises(NormConfigError, match="4"):
         build_norm(name, 4, groups=8)  # fewer channels than groups
-    with pytest.raises(NormConfigError, match="group_size=5"):
-        build_norm(name, 12, group_size=5)
     assert build_norm(name, 12, groups=4) is not None
     assert build_norm(name, 12, group_size=3) is not None
 
@@ -215,12 +307,14 @@ def test_frn_normalizes_second_moment_over_hw():
     assert (units(y, "row").square().mean(1) - 1).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("name", [n for n in EXPECTED_NAMES if n != "none"])
+@pytest.mark.parametrize("name", NORMS)
 def test_per_channel_affine(name):
+    """A norm slot with a layer has a per-channel shift (beta = 0) and possibly a scale (gamma = 1); with
+    affine=false, where the norm has the option, it has no parameters at all."""
     c = 16
     m = build_norm(name, c)
     params = dict(m.named_parameters())
-    if name in ("wn", "sn"):
+    if isinstance(m, nn.Identity):  # none, and the weight norms without a slot layer (wn, sn)
         assert not params
         return
     assert params, name
@@ -229,7 +323,7 @@ def test_per_channel_affine(name):
     if "weight" in params:
         assert torch.equal(params["weight"], torch.ones(c))
     assert torch.equal(params["bias"], torch.zeros(c))
-    if name not in ("frn", "evonorm_s0"):
+    if "affine" in NORMS[name].options:
         assert not dict(build_norm(name, c, affine=False).named_parameters())
     assert isinstance(build_norm("wn", c, mean_only_bn=True).bias, nn.Parameter)
 
@@ -245,12 +339,12 @@ def small_convnet(name: str, c: int = 16, total_steps: int = 100, **opts) -> nn.
     return apply_weight_reparam(model, name, **opts)
 
 
-@pytest.mark.parametrize("name", EXPECTED_NAMES)
+@pytest.mark.parametrize("name", NORMS)
 @pytest.mark.parametrize("bs", [1, 2])
 def test_trains_at_batch_size_1_and_2(name, bs):
     """Not only finite: a few SGD steps on one fixed small batch lower its loss (the layer learns)."""
     torch.manual_seed(0)
-    opts = {"init": "data"} if name == "wn" else {}
+    opts = {"init": "data"} if "init" in NORMS[name].options else {}  # wn: data-dependent init
     model = small_convnet(name, total_steps=30, **opts).train()
     x, y = torch.randn(bs, 3, 4, 4), torch.arange(bs)
     data_dependent_init(model, torch.randn(8, 3, 4, 4))  # init batch larger than the training batch
@@ -333,7 +427,7 @@ def test_bn_virtual_batch_equals_separate_groups():
     torch.testing.assert_close(bn.running_var, torch.stack(rvs).mean(0))
     # differs from full-batch BN
     assert (y - F.batch_norm(x, None, None, w, b, True)).abs().max() > 0.1
-    with pytest.raises(NormConfigError, match="virtual_batch=2 does not divide the training batch size 5"):
+    with pytest.raises(NormConfigError, match="norm 'bn': norm.virtual_batch=2 does not divide batch_size=5"):
         bn(x[:5])
     bn.eval()(x[:5])  # eval does not use batch statistics
 
@@ -721,7 +815,7 @@ def test_batch_stat_layers_under_autocast(name, opts):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["gn", "gn_ws", "evonorm_s0"])
+@pytest.mark.parametrize("name", GROUPED)
 def test_group_size_means_channels_per_group(name):
     """group_size=4 on 24 channels is 6 groups of 4 channels (not 4 groups of 6)."""
     m = build_norm(name, 24, group_size=4)
@@ -834,6 +928,8 @@ def test_brn_relaxes_within_a_short_run():
         build_norm("brn", 2).train()(x)  # a fraction of an unknown length is refused, not guessed
     with pytest.raises(NormConfigError, match="fraction"):
         build_norm("brn", 2, r_relax=2.0)
+    with pytest.raises(NormConfigError, match="^norm 'brn': option relax_unit must be one of fraction, steps"):
+        build_norm("brn", 2, relax_unit="epochs")
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from normbench import report, summary
-from normbench.figures import FIGURES, norm_style
+from normbench.figures import FIGURES, MARKERS, PALETTE, norm_style, norm_styles
 from normbench.norms import NORMS
 from tests.conftest import TINY_OVERRIDES, run_cli
 
@@ -622,6 +622,28 @@ def test_a_norm_has_one_colour_and_marker_in_every_figure_and_report(tmp_path):
     assert all(len(styles) == 1 for styles in seen.values()), seen
     assert seen["gn"] == {tuple(vars(norm_style("gn")).values())}
     assert seen["mynorm"] != seen["gn"]
+
+
+def test_any_number_of_norms_get_distinct_colours_and_markers(tmp_path):
+    """The palette once had 12 colours (and 13 markers): a 13th norm of the registry was drawn in
+    none's colour, and unknown norms shared 10 light colours by a hash of their name."""
+    names = [f"fakenorm{i}" for i in range(30)]
+    in_registry = [norm_style(name, order=names) for name in names]
+    assert len({style.color for style in in_registry}) == 30
+    assert len({style.marker for style in in_registry}) == 30
+    unknown = norm_styles([*names, "fakenorm3-groups4"], order=[])  # none of them in the registry, one figure
+    assert len({style.color for style in unknown.values()}) == 30
+    assert unknown["fakenorm3-groups4"] == unknown["fakenorm3"]  # options keep their norm's look
+    both = norm_styles([*names, *NORMS])
+    assert len({style.color for style in both.values()}) == 30 + len(NORMS)
+    # Today's norms keep today's look (the committed figures stay as they are).
+    assert [norm_style(norm).color for norm in NORMS] == PALETTE[:len(NORMS)]
+    assert [norm_style(norm).marker for norm in NORMS] == MARKERS[:len(NORMS)]
+
+    for name in names[:15]:  # a figure with 15 norms the registry does not know
+        make_run(tmp_path, norm=name, batch_size=8)
+    colours = {label: style[0] for label, style in line_styles(draw("error_vs_batch", [tmp_path])).items()}
+    assert len(colours) == 15 and len(set(colours.values())) == 15
 
 
 def test_coinciding_lines_stay_visible_on_a_log2_batch_axis(tmp_path):

@@ -127,27 +127,21 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 @pytest.mark.parametrize("preset", ["quick", "gn_fig1", "gn_fig1_cpu", "small_batch", "small_batch_cpu",
                                     "placement", "placement_cpu", "train_eval_gap", "train_eval_gap_cpu"])
 def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    from normbench.compose import compose, expand
     from normbench.models import MODELS
     from normbench.norms import NORMS
-    from tests.conftest import CONF_DIR
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    GlobalHydra.instance().clear()
+    cfg = compose([f"experiment={preset}"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    params = cfg.hydra.sweeper.params
-    assert set(params.norm.split(",")) <= set(NORMS)
+    jobs = [dict(o.split("=", 1) for o in job) for job in expand(f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items())]
+    assert {job["norm"] for job in jobs} <= set(NORMS)
     assert cfg.model.name in MODELS
     # Reference presets train inside results/ (their summary.json and metrics.csv are committed) and
     # write their report beside the runs; the others train under runs/.
     assert (cfg.out_dir, cfg.report_dir) in ((f"runs/{preset}", None), (f"results/{preset}/runs", f"results/{preset}"))
-    for batch in str(params.get("batch_size", cfg.batch_size)).split(","):
-        for vb in str(params.get("norm.virtual_batch", "")).split(","):
-            assert not vb or int(batch) % int(vb) == 0
+    for job in jobs:
+        vb = job.get("norm.virtual_batch")
+        assert vb is None or int(job.get("batch_size", cfg.batch_size)) % int(vb) == 0
     if preset.endswith("_cpu"):
         assert cfg.data.subset is not None  # reduced, but real data
 
@@ -302,8 +296,5 @@ def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
     started.clear()
     assert reference.run_launches([one_bn, bad], slots=2) is True
     assert len(reference.expand(["experiment=small_batch_cpu", "norm=bn,gn", "batch_size=128,32,8", "lr=0.1"])) == 6
-    from hydra.core.global_hydra import GlobalHydra
-
     assert reference.parallel_slots(reference.compose("small_batch_cpu", ["hydra/launcher=local_parallel"])) == 2
     assert reference.parallel_slots(reference.compose("small_batch_cpu", [])) == 1  # the basic launcher: one at a time
-    GlobalHydra.instance().clear()

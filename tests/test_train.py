@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -10,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from normbench import checkpoint, collect, summary as run_summary, tracking
 from normbench.cli import run_job
 from tests.conftest import REPO, TINY_OVERRIDES, make_image_folder, run_cli
 
@@ -236,15 +239,14 @@ def test_effective_lr_in_summary_and_hparams(make_cfg, tmp_path):
 
 def test_precise_bn_sets_population_statistics_before_eval(make_cfg, tmp_path):
     """With eval_stats=precise the eval statistics of the first BN layer are those of the training data."""
-    from normbench.norms.activation import BatchNorm
-    from normbench.train import make_model
+    from normbench.models import build_from_config
 
     cfg = make_cfg("norm=bn", "eval_stats=precise", "precise_batches=4", "norm.momentum=0.0001")
     run_job(cfg)
     state = torch.load(tmp_path / "runs" / cfg.run_name / "checkpoint.pt", weights_only=True)
-    model = make_model(cfg)
+    model = build_from_config(cfg)
     model.load_state_dict(state["model"])
-    first_bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
+    first_bn = next(m for m in model.modules() if hasattr(m, "running_mean"))
     # momentum 1e-4 alone would leave the running mean at ~0; PreciseBN replaced it
     assert first_bn.running_mean.abs().max() > 1e-2
 
@@ -268,3 +270,92 @@ def test_compiled_run_matches_eager(make_cfg, tmp_path, norm):
         assert summary["status"] == "completed", summary.get("reason")
         results[setting] = [float(row["train_loss"]) for row in read_metrics(tmp_path / setting / cfg.run_name)]
     assert results["true"] == pytest.approx(results["false"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------- resume restores what it saves
+
+
+def seed_every_global_generator(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed + 1)
+    random.seed(seed + 2)
+
+
+def draw_from_every_global_generator() -> list:
+    return [torch.rand(4), np.random.rand(4), np.random.standard_normal(3), [random.random() for _ in range(4)],
+            random.gauss(0.0, 1.0)]
+
+
+def assert_same_draws(a: list, b: list) -> None:
+    assert torch.equal(a[0], b[0])
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert a[3] == b[3] and a[4] == b[4]
+
+
+def test_rng_state_round_trips_torch_numpy_and_python(tmp_path):
+    """rng_state / set_rng_state, through a checkpoint file (weights_only), give back every global
+    generator's state, the cached Gaussians of numpy and python included."""
+    seed_every_global_generator(1)
+    np.random.standard_normal()  # an odd number of Gaussians: one is cached
+    random.gauss(0.0, 1.0)
+    checkpoint.save(tmp_path / "rng.pt", {"rng": checkpoint.rng_state()})
+    expected = draw_from_every_global_generator()
+    seed_every_global_generator(10)  # elsewhere
+    assert not torch.equal(torch.rand(4), expected[0])
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert_same_draws(draw_from_every_global_generator(), expected)
+
+
+def test_resume_puts_the_global_generators_back(make_cfg, tmp_path):
+    """Nothing draws from the global generators after a run's initialisation today; the next thing
+    that does must find them, after a resume, where the checkpoint left them."""
+    from normbench.train import Run
+
+    cfg = make_cfg("norm=bn", "epochs=2")
+    run_dir = tmp_path / "runs" / cfg.run_name
+    run_job(cfg)
+    checkpoint.set_rng_state(torch.load(run_dir / "checkpoint.pt", weights_only=True)["rng"])
+    expected = draw_from_every_global_generator()  # what the generators give from the checkpoint's state
+
+    run = Run(cfg, run_dir, log=lambda *a: None)
+    seed_every_global_generator(10)  # the generators as another process's would be
+    draw_from_every_global_generator()
+    run.resume()
+    assert run.state.epoch == 2  # it did resume
+    assert_same_draws(draw_from_every_global_generator(), expected)
+
+
+# ---------------------------------------------------------------------------------- the names of what is measured
+
+
+def test_metric_names_are_those_of_the_committed_results(make_cfg, tmp_path):
+    """metrics.csv's header and the TensorBoard tags are a format: the committed results and the
+    report read them."""
+    committed = sorted((REPO / "results").glob("*/runs/**/metrics.csv"))
+    assert committed
+    with open(committed[0]) as f:
+        assert next(csv.reader(f)) == tracking.METRIC_COLUMNS
+    assert tracking.METRIC_COLUMNS == [
+        "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "seconds",
+        "gap_train_batchstats_acc", "gap_test_batchstats_acc", "gap_test_popstats_acc", "gap_test_ema_acc",
+        "gap_test_precise_acc"]
+    assert set(tracking.EPOCH_TAGS) <= set(tracking.METRIC_COLUMNS)
+    assert tracking.EPOCH_TAGS["train_loss"] == "train/loss_epoch"
+    assert tracking.EPOCH_TAGS["gap_test_ema_acc"] == "gap/test_ema_acc"
+    assert tracking.HPARAM_METRICS == ["test/acc", "test/loss", "train/loss", "train/acc", "summary/best_test_acc"]
+    assert set(tracking.LAST_EPOCH_FIELDS) == {"train_loss", "train_acc", "test_loss", "test_acc", "val_acc",
+                                               *run_summary.GAP_FIELDS}
+    # the report reads what the trainer writes
+    assert set(collect.REQUIRED_METRICS_COLUMNS) <= set(tracking.METRIC_COLUMNS)
+    assert set(run_summary.FLOAT_FIELDS) | set(run_summary.INTEGER_FIELDS) <= set(run_summary.FIELDS)
+
+    cfg = make_cfg("norm=bn", "data.val_split=20", "data.subset=100", "data.test_subset=40", "gap_train_images=20")
+    run_job(cfg)
+    run_dir = tmp_path / "runs" / cfg.run_name
+    with open(run_dir / "metrics.csv") as f:
+        assert next(csv.reader(f)) == tracking.METRIC_COLUMNS
+    tags = set(scalars(run_dir))
+    assert {"train/loss", "lr", "train/loss_epoch", "train/acc", "test/loss", "test/acc", "val/loss", "val/acc",
+            "gap/train_batchstats_acc", "gap/test_batchstats_acc", "gap/test_popstats_acc", "gap/test_ema_acc",
+            "perf/images_per_s", "perf/seconds_per_epoch", "summary/best_test_acc"} <= tags
+    assert {tag.split("/")[0] for tag in tags} == {"train", "lr", "test", "val", "gap", "perf", "summary", "bn_gap"}

@@ -1,4 +1,5 @@
-"""Model registry: `build_model(name, norm=...)` returns a model with its normalization in place.
+"""Model registry: `build_model(name, norm=...)` returns a model with its normalization in place;
+`build_from_config(cfg)` builds a run's model from its config (the trainer and validation alike).
 
 Each module of this package lists its models in a module-level `MODELS = {name: (description,
 constructor)}`; this registry collects them all (so adding a model is its module, or an entry in
@@ -17,6 +18,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.nn.utils import parametrize
 
+from normbench.data import NUM_CLASSES
+from normbench.errors import UserError
 from normbench.norms import NormConfigError, apply_weight_reparam, norm_layer_factory
 
 
@@ -87,7 +90,7 @@ def zero_init_residual(model: nn.Module, norm: str) -> nn.Module:
     return model
 
 
-def build_model(name: str, norm: str = "bn", num_classes: int = 10, model_options: dict | None = None,
+def build_model(name: str, norm: str = "bn", num_classes: int = NUM_CLASSES, model_options: dict | None = None,
                 **norm_options) -> nn.Module:
     """Build model `name` with normalization `norm` (any name of normbench.norms.NORMS) in place."""
     if name not in MODELS:
@@ -107,5 +110,13 @@ def build_model(name: str, norm: str = "bn", num_classes: int = 10, model_option
     return model
 
 
-def list_models() -> list[str]:
-    return list(MODELS)
+def build_from_config(cfg) -> nn.Module:
+    """The model of a run's config (cfg.model, cfg.norm). A bad model or norm option (a placement, a
+    group count that does not divide a layer's channels, ...) is a one-line UserError."""
+    from normbench import identity
+
+    options = {k: v for k, v in cfg.norm.items() if k != "name"}
+    try:
+        return build_model(cfg.model.name, cfg.norm.name, model_options=identity.model_options(cfg.model), **options)
+    except (NormConfigError, KeyError, ValueError) as e:
+        raise UserError(f"cannot build {cfg.model.name} with norm={cfg.norm.name}: {e.args[0] if e.args else e}") from None

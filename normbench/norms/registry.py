@@ -5,7 +5,17 @@ options, with their defaults, as its keyword parameters; weight norms also name 
 reparametrization applied to every conv / linear weight (its keyword parameters are options
 too). So a norm's options are written once, in those signatures; ``conf/norm/<name>.yaml``
 mirrors them (``tests/test_norms.py`` checks that), and the registry's order is the order in
-which reports list the norms.
+which reports list the norms. Adding a norm is its layer, one ``NormInfo`` line here, its yaml and
+its tests.
+
+Batch dependence is declared here and nowhere else (``NormInfo.batch_dependent``): the trainer's
+batch-statistics modes act on the layers that implement ``BatchStatNorm``, so ``build_norm`` checks the
+layer of every slot it builds against the declaration and refuses a norm whose layer does not match it.
+
+Option values follow one rule per option name (``_CHECKS``); a rule that depends on other options
+or on the channel count belongs to the layer (group counts, Batch Renorm's lengths), and the
+virtual batch's rule against the batch size to the batch-statistics layers (``check_virtual_batch``
+applies both parts for a run's validation).
 
 Norm-activation: where a model had BN+ReLU it asks for ``build_norm(name, C, apply_act=True)``:
 the norm followed by a ReLU, except for layers that are their own nonlinearity (FRN+TLU,
@@ -25,9 +35,8 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from normbench.norms.activation import (
-    BatchNorm,
-    BatchRenorm,
+from normbench.norms.batch_stat import BatchNorm, BatchRenorm, BatchStatNorm, virtual_batches
+from normbench.norms.layers import (
     EvoNormS0,
     FilterResponseNorm,
     LocalResponseNorm,
@@ -39,25 +48,16 @@ from normbench.norms.activation import (
 )
 from normbench.norms.weight import spectral_norm_reparam, standardize_weights, weight_norm_reparam, weight_norm_slot
 
-__all__ = [
-    "NormConfigError",
-    "NormInfo",
-    "NORMS",
-    "resolve_options",
-    "build_norm",
-    "norm_layer_factory",
-    "apply_weight_reparam",
-    "is_batch_dependent",
-    "list_norms",
-    "print_norms",
-]
+# Keyword parameters of a builder that ``build_norm`` sets itself, so not options: whether the slot has an
+# activation, and the name the norm was chosen by (for the builder's messages).
+_SLOT_ARGUMENTS = ("apply_act", "norm_name")
 
 
 def _keyword_defaults(fn: Callable) -> dict[str, Any]:
-    """The keyword options a builder declares, with their defaults (``apply_act`` is not an option)."""
+    """The keyword options a builder declares, with their defaults."""
     params = inspect.signature(fn).parameters.values()
     return {p.name: p.default for p in params
-            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and p.name != "apply_act"}
+            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and p.name not in _SLOT_ARGUMENTS}
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class NormInfo:
     name: str
     description: str  # one line
     layer: Callable[..., nn.Module]  # layer(num_channels, **its options) -> the norm slot's module
-    # Whether a training forward of a sample depends on the rest of its batch (may depend on options).
+    # Whether a training forward of a sample depends on the rest of its batch (may depend on options): the one
+    # declaration of it. True exactly where the slot's layer is a BatchStatNorm (build_norm checks).
     batch_dependent: bool | Callable[[dict], bool] = False
     reparam: Callable[..., None] | None = None  # reparam(conv_or_linear, **its options), weight norms only
     options: dict[str, Any] = field(init=False)  # option name -> default, from the signatures (do not mutate)
@@ -81,9 +82,9 @@ class NormInfo:
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "fused_act", "apply_act" in inspect.signature(self.layer).parameters)
 
-    @property
-    def kind(self) -> str:
-        return "weight" if self.reparam else "activation"
+    def depends_on_batch(self, options: Mapping[str, Any]) -> bool:
+        """``batch_dependent`` for these (resolved) options."""
+        return self.batch_dependent(options) if callable(self.batch_dependent) else self.batch_dependent
 
 
 NORMS: dict[str, NormInfo] = {
@@ -214,6 +215,32 @@ def _accepted(fn: Callable, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
+def check_virtual_batch(name: str, virtual_batch: Any, batch_size: int) -> None:
+    """The virtual-batch rule for a run of norm ``name`` with training batches of ``batch_size``: a
+    positive integer (the option's rule) that divides the batch (the batch-statistics layers' rule,
+    which they apply again at every training forward), or None. NormConfigError otherwise."""
+    if virtual_batch is not None:
+        virtual_batches(name, _CHECKS["virtual_batch"](name, "virtual_batch", virtual_batch), batch_size)
+
+
+def _check_batch_dependence(info: NormInfo, options: dict, layer: nn.Module) -> nn.Module:
+    """The norm's layer, which must hold batch-statistics layers exactly when the registry declares the
+    norm batch-dependent: the modes (PreciseBN, the FrozenBN tail, batch-statistics evaluation, sync,
+    the stat gaps) act on those layers only, and would skip any other without a word."""
+    layers = [type(m).__name__ for m in layer.modules() if isinstance(m, BatchStatNorm)]
+    declared = info.depends_on_batch(options)
+    if declared and not layers:
+        raise NormConfigError(
+            f"norm '{info.name}': the registry declares it batch-dependent but its layer ({type(layer).__name__}) "
+            f"is no normbench.norms.batch_stat.BatchStatNorm, which PreciseBN, the FrozenBN tail, batch-statistics "
+            f"evaluation, sync and the stat gaps need; build it on BatchStatNorm or declare it batch-independent")
+    if layers and not declared:
+        raise NormConfigError(
+            f"norm '{info.name}': its layer {layers[0]} normalizes with batch statistics but the registry "
+            f"declares the norm batch-independent; set batch_dependent in its NormInfo")
+    return layer
+
+
 def build_norm(name: str, num_channels: int, *, apply_act: bool = False, **options) -> nn.Module:
     """The module for one norm slot with ``num_channels`` channels (N, C, H, W feature maps).
 
@@ -226,10 +253,10 @@ def build_norm(name: str, num_channels: int, *, apply_act: bool = False, **optio
     opts = resolve_options(name, options)
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise NormConfigError(f"norm '{name}': num_channels must be a positive integer, got {num_channels!r}")
-    layer_options = _accepted(info.layer, opts)
+    layer_options = _accepted(info.layer, {**opts, "norm_name": name})
     if info.fused_act:
-        return info.layer(num_channels, apply_act=apply_act, **layer_options)
-    norm = info.layer(num_channels, **layer_options)
+        return _check_batch_dependence(info, opts, info.layer(num_channels, apply_act=apply_act, **layer_options))
+    norm = _check_batch_dependence(info, opts, info.layer(num_channels, **layer_options))
     if not apply_act:
         return norm
     if isinstance(norm, nn.Identity):  # not in place: the slot's input may be needed elsewhere (a shortcut)
@@ -263,13 +290,7 @@ def apply_weight_reparam(model: nn.Module, name: str, **options) -> nn.Module:
 
 def is_batch_dependent(name: str, **options) -> bool:
     """Whether a training forward of a sample depends on the other samples of its batch."""
-    opts = resolve_options(name, options)
-    dependent = NORMS[name].batch_dependent
-    return dependent(opts) if callable(dependent) else dependent
-
-
-def list_norms() -> list[str]:
-    return list(NORMS)
+    return NORMS[name].depends_on_batch(resolve_options(name, options))
 
 
 def print_norms() -> None:

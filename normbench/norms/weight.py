@@ -26,10 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from normbench.norms.activation import MeanOnlyBatchNorm
-
-__all__ = ["ExpGainWeightNorm", "WeightStandardization", "weight_norm_slot", "weight_norm_reparam",
-           "spectral_norm_reparam", "standardize_weights", "data_dependent_init"]
+from normbench.norms.batch_stat import MeanOnlyBatchNorm
 
 _INIT_FLAG = "wn_init_done"
 
@@ -73,10 +70,10 @@ def _ensure_bias(mod: nn.Module) -> None:
 
 
 def weight_norm_slot(num_features: int, *, mean_only_bn: bool = False, momentum: float = 0.1,
-                     virtual_batch: int | None = None) -> nn.Module:
+                     virtual_batch: int | None = None, norm_name: str = "wn") -> nn.Module:
     """wn's norm slot: mean-only batch norm (Salimans & Kingma's combination), or nothing."""
     if mean_only_bn:
-        return MeanOnlyBatchNorm(num_features, momentum=momentum, virtual_batch=virtual_batch)
+        return MeanOnlyBatchNorm(num_features, momentum=momentum, virtual_batch=virtual_batch, norm_name=norm_name)
     return nn.Identity()
 
 
