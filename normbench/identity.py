@@ -73,9 +73,8 @@ def uses_batch_stats(norm: DictConfig) -> bool:
     """Whether the norm config (cfg.norm) normalizes with batch statistics."""
     from normbench import norms
 
-    options = {k: v for k, v in norm.items() if k != "name"}
     try:
-        return norms.is_batch_dependent(norm.name, **options)
+        return norms.is_batch_dependent(norm.name, **norm_options(norm))
     except norms.NormConfigError:
         return True  # a bad option is reported by validation, not here
 
@@ -94,6 +93,11 @@ def norm_label(norm: DictConfig) -> str:
 
     defaults = norms.NORMS[norm.name].options if norm.name in norms.NORMS else {}
     return _options_label(norm.name, {k: v for k, v in norm.items() if k not in ("name", "virtual_batch")}, defaults)
+
+
+def norm_options(norm: DictConfig) -> dict:
+    """The norm's options from its config (cfg.norm without its name)."""
+    return {k: v for k, v in norm.items() if k != "name"}
 
 
 def model_options(model: DictConfig) -> dict:

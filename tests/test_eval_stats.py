@@ -234,15 +234,10 @@ def test_train_eval_gap_presets_have_25_distinct_runs(preset, tiny_data, tmp_pat
     """bn and brn at normalization batch 2..128 with ema and precise (24 runs) plus one gn run."""
     import itertools
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from normbench.compose import compose
+    from tests.conftest import compose_cfg
 
-    from tests.conftest import CONF_DIR, compose_cfg
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        preset_cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    GlobalHydra.instance().clear()
+    preset_cfg = compose([f"experiment={preset}"])
     params = preset_cfg.hydra.sweeper.params
     assert params["norm.virtual_batch"] == "2,4,8,16,32,128" and params.eval_stats == "ema,precise"
     names = set()

@@ -141,35 +141,29 @@ def test_rerunning_a_committed_preset_trains_nothing():
     folder with its own fingerprint: `normbench experiment=<preset>` (and scripts/reference.py) skip it."""
     import json
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    import normbench.cli  # noqa: F401 - registers the run-name resolver
+    from normbench.compose import compose
 
     results = identity.CONF_DIR.parent / "results"
     checked = 0
     for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
         preset = preset_dir.name
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(identity.CONF_DIR), version_base="1.3"):
-            base = compose("config", [f"experiment={preset}"], return_hydra_config=True)
-            swept = [*base.hydra.sweeper.params, "lr", "seed"]
-            composed = {}
-            for path in sorted((preset_dir / "runs").glob("**/summary.json")):
-                record = json.loads(path.read_text())
-                values = {key: _dotted(record["config"], key) for key in swept}
-                choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
-                if choices not in composed:
-                    composed[choices] = compose("config", [f"experiment={preset}", *choices])
-                cfg = composed[choices].copy()
-                for key, value in values.items():
-                    if key not in ("norm", "model"):
-                        OmegaConf.update(cfg, key, value, force_add=False)
-                run_dir = path.parent.relative_to(preset_dir / "runs")  # quick's out_dir is runs/quick: a copy
-                assert str(run_dir) == cfg.run_name, (preset, values)
-                assert identity.record_fingerprint(record) == identity.fingerprint(identity.run_config(cfg)), run_dir
-                checked += 1
-        GlobalHydra.instance().clear()
+        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed"]
+        composed = {}
+        for path in sorted((preset_dir / "runs").glob("**/summary.json")):
+            record = json.loads(path.read_text())
+            values = {key: _dotted(record["config"], key) for key in swept}
+            choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
+            if choices not in composed:
+                composed[choices] = compose([f"experiment={preset}", *choices], hydra_node=False)
+            cfg = composed[choices].copy()
+            for key, value in values.items():
+                if key not in ("norm", "model"):
+                    OmegaConf.update(cfg, key, value, force_add=False)
+            run_dir = path.parent.relative_to(preset_dir / "runs")  # quick's out_dir is runs/quick: a copy
+            assert str(run_dir) == cfg.run_name, (preset, values)
+            assert identity.record_fingerprint(record) == identity.fingerprint(identity.run_config(cfg)), run_dir
+            checked += 1
     if not checked:
         pytest.skip("no committed runs")

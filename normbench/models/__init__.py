@@ -115,8 +115,8 @@ def build_from_config(cfg) -> nn.Module:
     group count that does not divide a layer's channels, ...) is a one-line UserError."""
     from normbench import identity
 
-    options = {k: v for k, v in cfg.norm.items() if k != "name"}
     try:
-        return build_model(cfg.model.name, cfg.norm.name, model_options=identity.model_options(cfg.model), **options)
+        return build_model(cfg.model.name, cfg.norm.name, model_options=identity.model_options(cfg.model),
+                           **identity.norm_options(cfg.norm))
     except (NormConfigError, KeyError, ValueError) as e:
         raise UserError(f"cannot build {cfg.model.name} with norm={cfg.norm.name}: {e.args[0] if e.args else e}") from None
