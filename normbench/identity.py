@@ -194,6 +194,11 @@ def _conf_tree(config: dict) -> dict:
     return tree
 
 
+def declared_ignores(group: str | None = None, name: str | None = None) -> list | None:
+    """What conf/ declares outside the identity: in config.yaml, or in a group's entry (data, cifar10)."""
+    return _yaml(CONF_DIR / "config.yaml" if group is None else CONF_DIR / group / f"{name}.yaml").get(IGNORES_KEY)
+
+
 def _same(a, b) -> bool:
     """Equal values of one kind (True is not 1; 1 is 1.0)."""
     numbers = (int, float)

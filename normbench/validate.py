@@ -122,12 +122,26 @@ def check_data_root(root: str | os.PathLike) -> None:
         raise
 
 
+def check_identity_ignores(cfg) -> None:
+    """`identity_ignores` is conf/'s declaration of what no result depends on (identity.py reads it
+    from there), not a setting of a run: an override of it would change nothing, so it is refused."""
+    from omegaconf import OmegaConf
+
+    for prefix, node, declared in (("", cfg, identity.declared_ignores()),
+                                   ("data.", cfg.data, identity.declared_ignores("data", cfg.data.name))):
+        given = node.get(identity.IGNORES_KEY)
+        if (OmegaConf.to_container(given) if given is not None else None) != declared:
+            raise UserError(f"{prefix}{identity.IGNORES_KEY} is declared in conf/ (the keys no result depends on), "
+                            "not set per run; leave it as it is")
+
+
 def check_config(cfg) -> None:
     """Check one run's composed config (what a YAML preset may have set too)."""
     from normbench import norms  # imports torch
 
     check_group_choice("model", cfg.model.name)
     check_group_choice("norm", cfg.norm.name)
+    check_identity_ignores(cfg)
     batch_size = check_positive_int("batch_size", cfg.batch_size)
     check_positive_int("epochs", cfg.epochs)
     check_lr(cfg.lr)

@@ -306,3 +306,9 @@ def test_warns_when_another_run_shares_the_cores(tiny_data, tmp_path, training_e
     warn_if_sharing_cores(OmegaConf.create({"threads": 1, "device": "cpu"}), [training_elsewhere.pid])
     warn_if_sharing_cores(OmegaConf.create({"threads": None, "device": "cpu"}), [])
     assert warning not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["identity_ignores=[out_dir]", "data.identity_ignores=[]"])
+def test_identity_ignores_is_not_a_setting(refused, override):
+    """What conf/ declares outside a run's identity is read from conf/: an override would change nothing."""
+    assert_one_line_error(refused(override), "identity_ignores is declared in conf/")

@@ -167,3 +167,4 @@ def test_rerunning_a_committed_preset_trains_nothing():
             checked += 1
     if not checked:
         pytest.skip("no committed runs")
+
