@@ -69,6 +69,9 @@ class NormInfo:
     # declaration of it. True exactly where the slot's layer is a BatchStatNorm (build_norm checks).
     batch_dependent: bool | Callable[[dict], bool] = False
     reparam: Callable[..., None] | None = None  # reparam(conv_or_linear, **its options), weight norms only
+    # The memory format memory_format=auto trains it in: channels_last where its kernels are faster so
+    # (measured with scripts/bench.py, bf16 on this project's 2-core AMX CPU), contiguous otherwise.
+    memory_format: str = "contiguous"
     options: dict[str, Any] = field(init=False)  # option name -> default, from the signatures (do not mutate)
     fused_act: bool = field(init=False)  # the layer is its own nonlinearity (takes apply_act)
 
@@ -90,26 +93,28 @@ class NormInfo:
 NORMS: dict[str, NormInfo] = {
     info.name: info
     for info in [
-        NormInfo("none", "no normalization (identity)", no_norm),
+        NormInfo("none", "no normalization (identity)", no_norm, memory_format="channels_last"),
         NormInfo("bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN, "
-                 "sync (SyncBN)", BatchNorm, batch_dependent=True),
+                 "sync (SyncBN)", BatchNorm, batch_dependent=True, memory_format="channels_last"),
         NormInfo("brn", "batch renormalization (Ioffe 2017): BN corrected towards moving stats by clipped r, d; "
                  "r/d limits relax over fractions of the run; sync", BatchRenorm, batch_dependent=True),
         NormInfo("gn", "group norm (Wu & He 2018): per-sample stats over (C/G,H,W) per group", group_norm),
         NormInfo("ln", "layer norm as in the Group Norm paper: per-sample stats over (C,H,W), per-channel affine",
-                 layer_norm),
+                 layer_norm, memory_format="channels_last"),
         NormInfo("in", "instance norm (Ulyanov et al. 2016): stats over (H,W) per sample and channel, no running stats",
                  instance_norm),
         NormInfo("wn", "weight norm (Salimans & Kingma 2016): w = g*v/||v||; optional data init, mean-only BN",
-                 weight_norm_slot, batch_dependent=lambda options: options["mean_only_bn"], reparam=weight_norm_reparam),
+                 weight_norm_slot, batch_dependent=lambda options: options["mean_only_bn"], reparam=weight_norm_reparam,
+                 memory_format="channels_last"),
         NormInfo("sn", "spectral norm (Miyato et al. 2018): w/sigma_max(w) by power iteration", no_norm,
-                 reparam=spectral_norm_reparam),
+                 reparam=spectral_norm_reparam, memory_format="channels_last"),
         NormInfo("gn_ws", "group norm + weight standardization of every conv (Qiao et al. 2019)", group_norm,
                  reparam=standardize_weights),
         NormInfo("frn", "norm-activation: filter response norm + TLU (Singh & Krishnan 2019), "
-                 "x/sqrt(mean_HW(x^2)+eps), max(.,tau); replaces BN+ReLU", FilterResponseNorm),
+                 "x/sqrt(mean_HW(x^2)+eps), max(.,tau); replaces BN+ReLU", FilterResponseNorm,
+                 memory_format="channels_last"),
         NormInfo("evonorm_s0", "norm-activation: EvoNorm-S0 (Liu et al. 2020), x*sigmoid(v*x)/group_std(x); "
-                 "replaces BN+ReLU", EvoNormS0),
+                 "replaces BN+ReLU", EvoNormS0, memory_format="channels_last"),
         NormInfo("lrn", "local response norm (AlexNet 2012); at its constants ~ a fixed scale x*2^-0.75 here",
                  LocalResponseNorm),
     ]
