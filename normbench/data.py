@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.atomic import atomic_path
+from normbench.device import torch_memory_format
 from normbench.errors import UserError
 
 IMAGE_SIZE = 32
@@ -280,7 +281,7 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, device, *, train: bool, seed: int = 0,
                  crop_padding: int = 4, flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, memory_format: str = "contiguous"):
         self.split = split.to(device)
         if not train and world_size > 1:
             self.split = self.split.shard(rank, world_size)
@@ -293,6 +294,7 @@ class Batches:
         self.flip = flip and train
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch_memory_format(memory_format)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -331,4 +333,5 @@ class Batches:
             yield self.normalize(x[b, c, rows, cols]), self.split.y[idx]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return (x_uint8.float() - self.mean) / self.std
+        """Float images, normalized per channel, in the run's memory format (the model's)."""
+        return ((x_uint8.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)

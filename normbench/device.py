@@ -14,6 +14,11 @@ from normbench.errors import UserError
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 # amp and compile: auto, or forced on / off.
 SWITCH_CHOICES = ("auto", True, False)
+# memory_format: auto (each norm's declared preference, NormInfo.memory_format), or forced.
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+# Whether amp=auto means bf16 on a CPU with bf16 matrix units. Off until the accuracy parity of
+# bf16 and fp32 on real data is measured (issue 26: results/bench/).
+AUTO_BF16_ON_CPU = False
 
 
 def _mps_available() -> bool:
@@ -60,9 +65,38 @@ def device_type(name: str) -> str:
     return resolve_device(str(name)).type
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles), as torch sees it:
+    oneDNN runs bf16 convolutions and matmuls on them."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent means no
+    return bool(probe is not None and probe())
+
+
 def uses_bf16(amp, device_kind: str) -> bool:
-    """Whether a run trains and evaluates under bf16 autocast: amp=auto means on CUDA only."""
-    return device_kind == "cuda" if amp == "auto" else amp is True
+    """Whether a run trains and evaluates under bf16 autocast: amp=auto means on CUDA, and on a CPU
+    with bf16 matrix units (where AUTO_BF16_ON_CPU says so)."""
+    if amp != "auto":
+        return amp is True
+    return device_kind == "cuda" or (device_kind == "cpu" and AUTO_BF16_ON_CPU and cpu_has_bf16_matrix_units())
+
+
+def resolved_memory_format(memory_format: str, norm_name: str, bf16: bool) -> str:
+    """contiguous or channels_last. auto: the norm's declared preference in bf16 runs (where it was
+    measured), contiguous in fp32 runs (as every run before the option)."""
+    if memory_format != "auto":
+        return memory_format
+    from normbench.norms import NORMS
+
+    return NORMS[norm_name].memory_format if bf16 and norm_name in NORMS else "contiguous"
+
+
+def torch_memory_format(name: str):
+    """The torch.memory_format of a resolved memory_format."""
+    import torch
+
+    return {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[name]
 
 
 def uses_compile(compile_, device_kind: str) -> bool:

@@ -101,14 +101,15 @@ class EvaluationSuite:
     for mini-batch statistics, the training slice), built once, and PreciseBN's; `evaluate` measures."""
 
     def __init__(self, cfg: DictConfig, ds: data.Dataset, model: torch.nn.Module, autocast, device, *,
-                 precise_source: data.Batches):
+                 memory_format: str, precise_source: data.Batches):
         self.model, self.autocast = model, autocast
         self.epochs, self.gap_every = int(cfg.epochs), int(cfg.gap_every)
         # Training vs inference statistics (issue 12): batch-dependent norms only; their normalization batch.
         self.batch_dependent = identity.uses_batch_stats(cfg.norm)
         self.eval_stats = cfg.eval_stats if self.batch_dependent else "ema"
         self.stat_group = identity.run_identity(cfg)["norm_batch"] if self.batch_dependent else None
-        shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}  # each rank its shard
+        # Each rank evaluates its shard, in the run's memory format.
+        shard = {"rank": distributed.rank(), "world_size": distributed.world_size(), "memory_format": memory_format}
         size = cfg.data.eval_batch_size
         self.test = data.Batches(ds.test, size, device, train=False, **shard)
         self.val = data.Batches(ds.val, size, device, train=False, **shard) if ds.val else None

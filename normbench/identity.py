@@ -119,8 +119,23 @@ def effective_virtual_batch(cfg: DictConfig) -> int | None:
     return vb if vb is not None and uses_batch_stats(cfg.norm) else None
 
 
+def compute_label(amp="auto", memory_format="auto", device_name="auto", norm_name: str = "") -> str:
+    """How a run computes, for its folder name: "" for fp32 with contiguous tensors (every run before
+    these options), else -bf16 and / or -cl (channels_last), as resolved on this machine."""
+    from normbench import device
+    from normbench.errors import UserError
+
+    try:
+        kind = device.device_type(device_name)
+    except UserError:  # validation reports the device
+        kind = "cpu"
+    bf16 = device.uses_bf16(amp, kind)
+    channels_last = device.resolved_memory_format(memory_format, norm_name, bf16) == "channels_last"
+    return ("-bf16" if bf16 else "") + ("-cl" if channels_last else "")
+
+
 def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None, eval_stats="ema",
-             freeze_stats_epochs=0) -> str:
+             freeze_stats_epochs=0, amp="auto", memory_format="auto", device_name="auto") -> str:
     """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0.
 
     Model options that differ from their defaults join the model's part (cnn-placementafter);
@@ -129,7 +144,8 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     duplicates of a batch-independent norm in a virtual-batch sweep share one folder. `variant`
     (free text) separates runs that differ in anything else. A data-parallel run's batch part
     also names its devices (bs64x2dev: 64 per device on 2). A batch-dependent norm's eval_stats other
-    than ema and its FrozenBN tail join the batch part too (bs128-vb8-evalprecise-freeze2)."""
+    than ema and its FrozenBN tail join the batch part too (bs128-vb8-evalprecise-freeze2), and so
+    does how it computes where that is not fp32 with contiguous tensors (bs128-bf16-cl)."""
     vb = norm.get("virtual_batch")
     batch_dependent = uses_batch_stats(norm)
     vb_part = f"-vb{vb}" if vb is not None and batch_dependent else ""
@@ -137,6 +153,7 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
         vb_part += f"-eval{eval_stats}"
     if batch_dependent and freeze_stats_epochs:
         vb_part += f"-freeze{freeze_stats_epochs}"
+    vb_part += compute_label(amp, memory_format, device_name, norm.name)
     devices_part = f"x{distributed.world_size()}dev" if distributed.world_size() > 1 else ""  # batch_size is per device
     variant_part = f"/{variant}" if variant else ""
     return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{variant_part}"
@@ -160,18 +177,20 @@ def run_config(cfg: DictConfig) -> dict:
     kind = device.device_type(cfg.device)
     config["amp"] = device.uses_bf16(cfg.amp, kind)
     config["compile"] = device.uses_compile(cfg.compile, kind)
+    config["memory_format"] = device.resolved_memory_format(cfg.memory_format, cfg.norm.name, config["amp"])
     return config
 
 
 def _recorded_resolutions(config: dict, device_name: str | None) -> dict:
     """A config as it would be recorded today. Summaries of results version 2 recorded amp and
     compile as asked (auto, or absent before compile existed); auto meant on CUDA only then, and the
-    summary's `device` says where the run was."""
+    summary's `device` says where the run was. Before memory_format existed, every run was contiguous."""
     on_cuda = str(device_name or "").startswith("cuda")
     config = dict(config)
     for key in ("amp", "compile"):
         if config.get(key, False) not in (True, False):  # "auto" (or missing compile: off)
             config[key] = on_cuda if config.get(key) == "auto" else False
+    config.setdefault("memory_format", "contiguous")
     return config
 
 

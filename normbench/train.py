@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from normbench import checkpoint, data, distributed, identity, models, norms, summary, tracking
-from normbench.device import resolve_device, uses_bf16, uses_compile
+from normbench.device import resolve_device, torch_memory_format, uses_compile
 from normbench.errors import UserError
 from normbench.evaluation import EvaluationSuite, reduce_over_ranks
 from normbench.tracking import RunRecorder
@@ -54,10 +54,10 @@ def run_device(name: str, world: int) -> torch.device:
     return device
 
 
-def autocast_for(amp, device: torch.device):
-    """A context-manager factory for the forward passes: bf16 autocast where the run uses it
-    (``device.uses_bf16``), a no-op otherwise."""
-    if uses_bf16(amp, device.type):
+def autocast_for(bf16: bool, device: torch.device):
+    """A context-manager factory for the forward passes: bf16 autocast where the run uses it (its
+    recorded, resolved `amp`), a no-op otherwise."""
+    if bf16:
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -73,10 +73,12 @@ def build_data(cfg: DictConfig, device: torch.device, world: int) -> data.Datase
     return ds
 
 
-def training_batches(cfg: DictConfig, ds: data.Dataset, device: torch.device, seed: int) -> data.Batches:
+def training_batches(cfg: DictConfig, ds: data.Dataset, device: torch.device, seed: int,
+                     memory_format: str) -> data.Batches:
     """Augmented training batches in the order of `seed` (this rank's slice of each global batch)."""
     return data.Batches(ds.train, cfg.batch_size, device, train=True, seed=seed, crop_padding=cfg.data.crop_padding,
-                        flip=cfg.data.flip, rank=distributed.rank(), world_size=distributed.world_size())
+                        flip=cfg.data.flip, rank=distributed.rank(), world_size=distributed.world_size(),
+                        memory_format=memory_format)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,11 +102,13 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False})
 
 
-def build_model(cfg: DictConfig, device: torch.device, total_steps: int, log) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The run's model (its initial weights the seed's) on its device, and what the training step
-    calls: the model in DDP in a data-parallel run, compiled where the run compiles (``device.uses_compile``)."""
+def build_model(cfg: DictConfig, device: torch.device, total_steps: int, memory_format: str,
+                log) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The run's model (its initial weights the seed's) on its device in its memory format, and what the
+    training step calls: the model in DDP in a data-parallel run, compiled where the run compiles
+    (``device.uses_compile``)."""
     seed_everything(cfg.seed)
-    model = models.build_from_config(cfg).to(device)
+    model = models.build_from_config(cfg).to(device, memory_format=torch_memory_format(memory_format))
     norms.set_training_length(model, total_steps)
     train_model = data_parallel(model, device)
     if uses_compile(cfg.compile, device.type):
@@ -200,17 +204,19 @@ class Run:
         self.device = run_device(cfg.device, self.world)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        self.autocast = autocast_for(cfg.amp, self.device)
+        # Precision and memory format as the run's identity records them (resolved from auto).
+        self.autocast = autocast_for(self.config["amp"], self.device)
+        layout = self.config["memory_format"]
         self.ds = build_data(cfg, self.device, self.world)
-        self.train_batches = training_batches(cfg, self.ds, self.device, cfg.seed)
+        self.train_batches = training_batches(cfg, self.ds, self.device, cfg.seed, layout)
         self.steps_per_epoch = len(self.train_batches)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.model, self.train_model = build_model(cfg, self.device, self.total_steps, log)
+        self.model, self.train_model = build_model(cfg, self.device, self.total_steps, layout, log)
         self.optimizer, self.scheduler = build_optimizer_and_schedule(cfg, self.model, self.total_steps,
                                                                       self.steps_per_epoch)
         self.evaluation = EvaluationSuite(
-            cfg, self.ds, self.model, self.autocast, self.device,
-            precise_source=training_batches(cfg, self.ds, self.device, cfg.seed + PRECISE_BN_SEED_OFFSET))
+            cfg, self.ds, self.model, self.autocast, self.device, memory_format=layout,
+            precise_source=training_batches(cfg, self.ds, self.device, cfg.seed + PRECISE_BN_SEED_OFFSET, layout))
         self.state = RunState(sums=new_sums(self.device))
         self.ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
         self.recorder: RunRecorder | None = None

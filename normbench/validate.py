@@ -164,6 +164,7 @@ def check_config(cfg) -> None:
     device.check_device(cfg.device)
     check_choice("amp", cfg.amp, device.SWITCH_CHOICES)
     check_choice("compile", cfg.compile, device.SWITCH_CHOICES)
+    check_choice("memory_format", cfg.memory_format, device.MEMORY_FORMATS)
     check_choice("progress", cfg.progress, ("auto", True, False))
     check_positive_int("data.eval_batch_size", cfg.data.eval_batch_size)
     check_nonnegative_int("data.crop_padding", cfg.data.crop_padding)
