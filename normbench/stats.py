@@ -1,0 +1,63 @@
+"""The difference of two arms' means with its uncertainty: the one place where a claim that one arm
+is higher or lower than another gets its confidence interval and p-value (scipy's t-tests).
+
+Welch's test compares independent samples (no equal-variance assumption); the paired test compares
+runs that share their seeds and data draws (seed i of one arm with seed i of the other).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(a) - mean(b), its confidence interval and two-sided p-value, from n_a and n_b runs."""
+
+    diff: float
+    low: float
+    high: float
+    p: float
+    n_a: int
+    n_b: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def contains_zero(self) -> bool:
+        return self.low <= 0 <= self.high
+
+
+def _nan(n_a: int, n_b: int) -> Difference:
+    return Difference(math.nan, math.nan, math.nan, math.nan, n_a, n_b)
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Difference:
+    """Welch's t-test of mean(a) - mean(b); NaN where either side has fewer than 2 runs."""
+    from scipy import stats
+
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) < 2 or len(b) < 2:
+        return _nan(len(a), len(b))
+    result = stats.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    return Difference(sum(a) / len(a) - sum(b) / len(b), float(ci.low), float(ci.high), float(result.pvalue),
+                      len(a), len(b))
+
+
+def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Difference:
+    """The paired t-test of mean(a - b) over pairs (a[i], b[i]) that share a seed; NaN under 2 pairs."""
+    from scipy import stats
+
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return _nan(len(a), len(b))
+    result = stats.ttest_rel(a, b)
+    ci = result.confidence_interval(confidence)
+    return Difference(sum(a) / len(a) - sum(b) / len(b), float(ci.low), float(ci.high), float(result.pvalue),
+                      len(a), len(b))
