@@ -38,9 +38,11 @@ REFERENCE_ARGS ?= hydra/launcher=local_parallel
 reference: setup
 	$(BIN)/python scripts/reference.py $(PRESET) $(REFERENCE_ARGS)
 
-# make bench [BENCH_OUT=results/bench/cpu2.md]: the throughput tables and targets (quiet machine: about 10 min on 2 CPU cores)
+# make bench [BENCH_OUT=results/bench/cpu2.md] [BENCH_ARGS=...]: the throughput tables and targets, in one process: every
+# norm at the defaults vs fp32/contiguous and vs BN, memory formats under bf16, FLOP/s against the peak, ghost BN,
+# the runner vs pure compute and a DataLoader, memory (quiet machine: about 10 min on 2 CPU cores)
 bench: setup
-	$(BIN)/python scripts/bench.py $(if $(BENCH_OUT),--out $(BENCH_OUT))
+	$(BIN)/python scripts/bench.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(BENCH_ARGS)
 
 clean:
 	rm -rf runs outputs multirun
