@@ -33,13 +33,6 @@ CHANCE_MARK = "†"
 # An lr chosen at the end of its candidates: the best rate may lie beyond the ones tried.
 EDGE_MARK = "‡"
 
-# Two-sided 95% t quantiles, t_{0.975, dof} for dof = 1..30; 1.96 beyond.
-_T975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]
-
 NO_VAL_HINT = (
     "--select-best lr picks the lr by validation accuracy, but no completed run has one; "
     "rerun the sweep with a validation split, e.g. data.val_split=5000"
@@ -66,11 +59,9 @@ def table_setting_columns(table: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 def t_quantile_975(dof: int) -> float:
-    """Two-sided 95% quantile of Student's t with `dof` degrees of freedom."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+    """Two-sided 95% quantile of Student's t with `dof` degrees of freedom (scipy's, exact)."""
+    from scipy import stats
+
     return float(stats.t.ppf(0.975, dof))
 
 

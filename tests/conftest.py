@@ -83,8 +83,10 @@ def _isolated_env(tmp_path, monkeypatch):
     torch.set_num_threads(1)
 
 
+# amp=false: fp32 with contiguous tensors, the runs' plain folder names (cnn/bn/bs8/...) and the exact
+# comparisons of the tests; bf16 (amp=auto on an AMX CPU) is covered by test_precision.py and test_parity.py.
 TINY_OVERRIDES = ["model=cnn", "epochs=1", "batch_size=8", "data.eval_batch_size=64", "log_every=2",
-                  "stat_gap_every=4", "sched.warmup_epochs=0.5"]
+                  "stat_gap_every=4", "sched.warmup_epochs=0.5", "amp=false"]
 
 
 def compose_cfg(data_root: Path, out_dir: Path, overrides: list[str] = ()):

@@ -83,15 +83,19 @@ def test_every_result_key_is_in_the_identity(make_cfg):
         assert identity.fingerprint(identity.run_config(_with(cfg, **{key: value}))) == fp, key
 
 
-def test_auto_is_recorded_as_what_it_resolved_to(make_cfg):
-    """amp=auto and compile=auto are off on a CPU: the same run as amp=false, compile=false, and not
-    the same as amp=true."""
+@pytest.mark.parametrize("matrix_units", [True, False])
+def test_auto_is_recorded_as_what_it_resolved_to(make_cfg, monkeypatch, matrix_units):
+    """amp=auto on a CPU is bf16 where it has bf16 matrix units, fp32 elsewhere, and compile=auto off:
+    the same run as amp forced to that value, never the same as the other precision."""
+    from normbench import device
+
+    monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: matrix_units)
     cfg = make_cfg("device=cpu")
     auto = identity.run_config(_with(cfg, amp="auto", compile="auto"))
-    assert auto["amp"] is False and auto["compile"] is False
-    off = identity.run_config(_with(cfg, amp=False, compile=False))
-    on = identity.run_config(_with(cfg, amp=True))
-    assert identity.fingerprint(auto) == identity.fingerprint(off) != identity.fingerprint(on)
+    assert auto["amp"] is matrix_units and auto["compile"] is False
+    same = identity.run_config(_with(cfg, amp=matrix_units, compile=False))
+    other = identity.run_config(_with(cfg, amp=not matrix_units))
+    assert identity.fingerprint(auto) == identity.fingerprint(same) != identity.fingerprint(other)
 
 
 def test_a_summary_of_version_2_keeps_its_identity(make_cfg):

@@ -48,17 +48,22 @@ def test_amp_true_trains_under_bf16_autocast(make_cfg, tmp_path):
         assert off.model(x.contiguous()).dtype == torch.float32
 
 
-def test_auto_bf16_on_a_cpu_needs_matrix_units_and_the_switch(monkeypatch):
+def test_auto_bf16_on_a_cpu_needs_matrix_units(monkeypatch):
     monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: True)
-    monkeypatch.setattr(device, "AUTO_BF16_ON_CPU", True)
     assert device.uses_bf16("auto", "cpu") and device.uses_bf16("auto", "cuda")
     assert not device.uses_bf16(False, "cuda") and device.uses_bf16(True, "cpu")
     monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: False)
     assert not device.uses_bf16("auto", "cpu")  # no bf16 matrix units: fp32
-    monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: True)
-    monkeypatch.setattr(device, "AUTO_BF16_ON_CPU", False)
-    assert not device.uses_bf16("auto", "cpu")
+    assert device.uses_bf16(True, "cpu")
     assert device.uses_bf16("auto", "mps") is False
+
+
+def test_this_cpu_is_detected_through_torch():
+    """The machines of this project have AMX (lscpu: amx_bf16): torch must see it where lscpu does."""
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if "amx_bf16" not in flags:
+        pytest.skip("no AMX here")
+    assert device.cpu_has_bf16_matrix_units()
 
 
 def test_precision_and_layout_name_the_run_folder(make_cfg):
