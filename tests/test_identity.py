@@ -150,9 +150,12 @@ def test_rerunning_a_committed_preset_trains_nothing():
     from normbench.compose import compose
 
     results = identity.CONF_DIR.parent / "results"
+    # A results folder is its preset's out_dir (results/bench/runs: bf16_parity_cpu), else the preset of its
+    # name (results/quick/runs: a copy of quick's runs/quick).
+    presets = {OmegaConf.load(p).get("out_dir"): p.stem for p in (identity.CONF_DIR / "experiment").glob("*.yaml")}
     checked = 0
     for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
-        preset = preset_dir.name
+        preset = presets.get(f"results/{preset_dir.name}/runs", preset_dir.name)
         swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed"]
         composed = {}
         for path in sorted((preset_dir / "runs").glob("**/summary.json")):
