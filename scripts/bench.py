@@ -65,7 +65,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from normbench import atomic, identity  # noqa: E402
+from normbench import atomic, identity, norms  # noqa: E402
 from normbench.compose import compose  # noqa: E402
 from normbench.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from normbench.device import cpu_has_bf16_matrix_units, resolve_device, torch_memory_format  # noqa: E402
@@ -236,6 +236,7 @@ def pure_rate(args, model_name: str, norm: str, batch_size: int, use_amp: bool, 
     torch.manual_seed(0)
     layout = torch_memory_format(memory_format)
     model = build_model(model_name, norm).to(device, memory_format=layout).train()
+    norms.set_training_length(model, 1_000_000)  # as the runner does (BRN's relax schedule needs the run's length)
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,), device=device)
     return time_steps(make_step(model, device, use_amp), itertools.repeat((x, y)), device,

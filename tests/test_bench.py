@@ -68,7 +68,7 @@ def test_norms_section_checks_the_issue_26_targets(bench):
 def test_bench_runs_every_section_at_toy_size(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--sections", "norms,formats,flops,virtual,loops", "--norms", "gn,lrn",
+        [sys.executable, "scripts/bench.py", "--sections", "norms,formats,flops,virtual,loops", "--norms", "gn,lrn,brn",
          "--models", "cnn", "--batch-sizes", "8,2", "--windows", "1", "--steps", "1", "--format-batch", "4",
          "--matmul-size", "64", "--amp", "true", "--threads", "1", "--workers", "0", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
