@@ -959,6 +959,34 @@ def test_lrn_values_and_gradients_equal_torch(size, beta, alpha, k):
     assert (ref[1] - upstream * (k + alpha * x**2) ** -beta).abs().max() > 1e-3  # the coupling term is there
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("size, beta, alpha, k", [(5, 0.75, 1e-4, 2.0), (5, 0.75, 0.5, 1.0), (4, 0.6, 0.3, 1.0)])
+def test_lrn_low_precision_path_is_the_formula(size, beta, alpha, k, memory_format, affine):
+    """The float32 function a bf16 input goes through (window sums as a matrix product, the affine inside)
+    is LRN's formula: on a float32 input, values and every gradient within float32 rounding of the exact
+    path in float64, the input's layout kept, the input untouched."""
+    from normbench.norms.layers import _LocalResponseNormFloat32
+
+    torch.manual_seed(0)
+    m = build_norm("lrn", 10, size=size, alpha=alpha, beta=beta, k=k, affine=affine)
+    if affine:
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+    x = (2 * torch.randn(3, 10, 5, 6)).contiguous(memory_format=memory_format)
+    upstream = torch.randn_like(x)
+    x_in = x.clone().requires_grad_()
+    out = _LocalResponseNormFloat32.apply(x_in, m.weight, m.bias, size, alpha, beta, k)
+    ours = (out, *torch.autograd.grad(out, [x_in, *m.parameters()], upstream))
+    exact = copy.deepcopy(m).double()
+    ref = _grads(exact, x.double(), upstream.double(), list(exact.parameters()))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format) and torch.equal(x_in.detach(), x)
+
+
 def test_evonorm_s0_gradients_equal_autograd_of_formula():
     torch.manual_seed(0)
     x = structured_input(n=3, c=8).double()
@@ -1026,3 +1054,25 @@ def test_brn_fused_path_equals_batch_stats_path(virtual_batch):
                  (fused.running_mean, reference.running_mean), (fused.running_var, reference.running_var)):
         torch.testing.assert_close(a, b)
     assert int(fused.num_steps) == 1 and fused._steps == 1
+
+
+@pytest.mark.parametrize("virtual_batch", [None, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_batch_statistics_without_gradients_are_the_fused_kernels_bit_for_bit(virtual_batch, memory_format):
+    """The statistics BRN corrects with (and recording reads), taken without the kernel's output, are those
+    of torch's training-mode batch-norm kernel on what it normalizes, bit for bit: its mean, and
+    var = 1/invstd^2 - eps from its invstd, as float32 runs have always computed them (inputs of every
+    scale and offset, both layouts)."""
+    layer = build_norm("brn", 6, virtual_batch=virtual_batch, eps=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for scale, offset in [(1e-3, 0.0), (1.0, 0.0), (3.0, 100.0), (1e3, -5.0)]:
+        x = (offset + scale * torch.randn(8, 6, 5, 7, generator=g)).contiguous(memory_format=memory_format)
+        groups = 1 if virtual_batch is None else 8 // virtual_batch
+        stats = layer._batch_stats_no_grad(x, groups)
+        k = 8 // groups
+        # what the fused training forward normalizes: x itself, or the groups folded into channels (a copy)
+        folded = x if groups == 1 else x.reshape(groups, k, 6, -1).transpose(0, 1).reshape(k, groups * 6, -1)
+        _, mean, invstd = torch.native_batch_norm(folded, None, None, None, None, True, 0.0, 1e-3)
+        assert torch.equal(stats.mean, mean.view(groups, 6))
+        assert torch.equal(stats.var, (invstd.square().reciprocal() - 1e-3).view(groups, 6))

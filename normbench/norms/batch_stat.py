@@ -21,6 +21,10 @@ top of the plain layer:
 * what the modes read and set: the batch statistics of a recorded forward and their gap to the
   running statistics, the population statistics PreciseBN accumulates, and a switch that keeps
   the running statistics (and Batch Renorm's step count) as they are during a forward.
+
+Under bf16 autocast (a bf16 input) every statistic is computed in float32, by torch's kernel in its
+mixed precision (bf16 in, float32 arithmetic) or on the input converted to float32 in the paths
+through autograd; the running statistics stay float32 and the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normbench.norms.cross_rank import combine_over_ranks, data_parallel_world, sync_batch_norm_cuda
-from normbench.norms.layers import NormConfigError, init_affine, per_channel
+from normbench.norms.layers import NormConfigError, float32_at_least, init_affine, is_low_precision, per_channel
 
 
 def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> int:
@@ -146,23 +150,43 @@ class BatchStatNorm(nn.Module):
         mean and biased variance per group and channel of the grouped input ``xs`` (G, k, C, S), in
         float32 at least (also under autocast), with gradients. Synchronized: the statistics of every
         rank's batch together, from every rank's count, mean and sum of squared deviations."""
-        xs = xs.to(torch.promote_types(xs.dtype, torch.float32))
         count = xs.shape[1] * xs.shape[3]
         if not self._syncs():
             if not with_var:
-                return BatchStats(xs.mean(dim=(1, 3)), None, count)
+                return BatchStats(float32_at_least(xs).mean(dim=(1, 3)), None, count)
             if not (torch.is_grad_enabled() and xs.requires_grad):
-                # Without gradients, the fused batch-norm kernel's statistics (3x faster than var_mean on a
-                # CPU): the groups folded into channels, (G, k, C, S) -> (k, G*C, S); var = 1/invstd^2 - eps.
-                g, k, c = xs.shape[:3]
-                _, mean, invstd = torch.native_batch_norm(xs.transpose(0, 1).reshape(k, g * c, -1), None, None, None,
-                                                          None, True, 0.0, self.eps)
-                return BatchStats(mean.view(g, c), (invstd.square().reciprocal() - self.eps).view(g, c), count)
-            var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)
+                return self._kernel_stats(xs, count)
+            var, mean = torch.var_mean(float32_at_least(xs), dim=(1, 3), unbiased=False)
             return BatchStats(mean, var, count)
-        var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)
+        var, mean = torch.var_mean(float32_at_least(xs), dim=(1, 3), unbiased=False)
         total_count, mean, m2 = combine_over_ranks(torch.full_like(mean, count), mean, var * count)
         return BatchStats(mean, m2 / total_count, total_count)
+
+    def _kernel_stats(self, xs: torch.Tensor, count: int) -> BatchStats:
+        """Without gradients: the statistics of the fused batch-norm kernel (on a CPU 3x faster than
+        var_mean) of the grouped input ``xs``, the groups folded into channels, (G, k, C, S) -> (k, G*C, S, 1):
+        without a virtual batch a view of the input in its own layout (a 4-d channels-last view keeps the
+        kernel's channels-last path)."""
+        g, k, c = xs.shape[:3]
+        return self._fused_kernel_stats(xs.transpose(0, 1).reshape(k, g * c, -1, 1), g, count)
+
+    def _fused_kernel_stats(self, folded: torch.Tensor, groups: int, count: int) -> BatchStats:
+        """The statistics of torch's training-mode batch-norm kernel on ``folded`` (k, G*C, *S), what the fused
+        forward normalizes, per group and channel (G, C): its mean, and var = 1/invstd^2 - eps from its invstd,
+        as float32 runs have always computed them. On a CPU through ``batch_norm_update_stats``, the statistics
+        of a training-mode forward without its output (invstd from its variance as that forward computes it,
+        in float64, bit for bit), a low-precision input read as it is, in float32 arithmetic (the kernel's
+        mixed precision, which a float32 buffer selects); elsewhere through the forward itself, in float32."""
+        if folded.device.type == "cpu":
+            dtype = torch.promote_types(folded.dtype, torch.float32)
+            scratch = torch.zeros(folded.shape[1], dtype=dtype, device=folded.device)
+            mean, biased_var = torch.batch_norm_update_stats(folded, scratch, None, 0.0)
+            invstd = biased_var.double().add_(self.eps).sqrt_().reciprocal_().to(biased_var.dtype)
+        else:
+            _, mean, invstd = torch.native_batch_norm(float32_at_least(folded.flatten(2)), None, None, None, None,
+                                                      True, 0.0, self.eps)
+        var = invstd.square().reciprocal_().sub_(self.eps)
+        return BatchStats(mean.view(groups, -1), var.view(groups, -1), count)
 
     @torch.no_grad()
     def _update_running_stats(self, stats: BatchStats) -> None:
@@ -222,10 +246,14 @@ class BatchStatNorm(nn.Module):
         virtual batches of 2): x_hat * weight + bias, the affine per channel (C,) or per group and
         channel (G, C). Ghost batches are folded into the channels, (N, C, *S) -> (k, G*C, *S), so one
         call normalizes every group. With ``update`` the running statistics move as
-        ``_update_running_stats`` moves them (the mean over groups of each group's update)."""
+        ``_update_running_stats`` moves them (the mean over groups of each group's update). The kernel
+        computes a low-precision input's statistics in float32 when a float32 tensor comes with it
+        (weight, bias or running statistics); without any (no affine and no update) it is converted."""
+        if weight is None and not update and is_low_precision(x):
+            return self._fused_batch_norm(x.float(), groups, weight, bias, update).to(x.dtype)
         if groups == 1:
             rm, rv = (self.running_mean, self.running_var) if update else (None, None)
-            flat = lambda p: None if p is None else p.reshape(-1)  # noqa: E731
+            flat = lambda p: p if p is None or p.ndim == 1 else p.reshape(-1)  # noqa: E731
             return F.batch_norm(x, rm, rv, flat(weight), flat(bias), True, self.momentum, self.eps)
         n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
         k = n // groups
@@ -253,6 +281,32 @@ class BatchStatNorm(nn.Module):
             self.running_mean.copy_(mean)
             if self.running_var is not None:
                 self.running_var.copy_(m2 / _unbiased_divisor(n))
+
+
+class _RenormalizedBatchNorm(torch.autograd.Function):
+    """Batch Renorm's training forward without a virtual batch, in one autograd node: torch's fused
+    batch-norm kernel with weight r * gamma and bias d * gamma + beta (r, d constants), its backward, and
+    the gradients to gamma and beta that autograd of those two products would give, r * dL/dw + d * dL/db
+    and dL/db, the same float32 operations (at batch 2 on a CPU, three autograd nodes and their inputs
+    were a tenth of the layer's time). Without affine the kernel's weight and bias are r and d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, r, d, running_mean, running_var, momentum: float, eps: float):
+        w, b = (r, d) if weight is None else (r * weight, torch.addcmul(bias, d, weight))
+        out, save_mean, save_invstd = torch.native_batch_norm(x, w, b, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, w, running_mean, running_var, save_mean, save_invstd, r, d)
+        ctx.eps, ctx.affine = eps, weight is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, running_mean, running_var, save_mean, save_invstd, r, d = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, x, w, running_mean, running_var, save_mean, save_invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], ctx.affine, ctx.affine])
+        if not ctx.affine:
+            return grad_x, None, None, None, None, None, None, None, None
+        return grad_x, grad_w * r + grad_b * d, grad_b, None, None, None, None, None, None
 
 
 class BatchNorm(BatchStatNorm):
@@ -284,7 +338,7 @@ class BatchNorm(BatchStatNorm):
 
     def _normalize_with_batch_stats(self, x: torch.Tensor, update: bool) -> torch.Tensor:
         """BN with the statistics of ``_batch_stats`` (the synchronized ones: no virtual batch here)."""
-        xs = self._grouped(x, 1)  # (1, N, C, S)
+        xs = float32_at_least(self._grouped(x, 1))  # (1, N, C, S)
         stats = self._batch_stats(xs)
         scale = torch.rsqrt(stats.var + self.eps)  # (1, C)
         return self._scale_and_shift(x, xs, stats, scale, -stats.mean * scale, update)
@@ -384,21 +438,29 @@ class BatchRenorm(BatchStatNorm):
             # more without gradients: per training step at batch 2 on a CPU, 1.4x faster than through
             # autograd of every elementwise op).
             r, d = self._corrections(self._batch_stats_no_grad(x, groups))
-            weight, bias = (r, d) if self.weight is None else (r * self.weight, torch.addcmul(self.bias, d, self.weight))
-            out = self._fused_batch_norm(x, groups, weight, bias, update)
+            if groups == 1:
+                rm, rv = (self.running_mean, self.running_var) if update else (None, None)
+                out = _RenormalizedBatchNorm.apply(x, self.weight, self.bias, r.view(-1), d.view(-1), rm, rv,
+                                                   self.momentum, self.eps)
+            else:
+                weight, bias = ((r, d) if self.weight is None
+                                else (r * self.weight, torch.addcmul(self.bias, d, self.weight)))
+                out = self._fused_batch_norm(x, groups, weight, bias, update)
         if update:
             self._count_step()
         return out
 
     @torch.no_grad()
     def _batch_stats_no_grad(self, x: torch.Tensor, groups: int) -> BatchStats:
+        if groups == 1:  # what the fused forward normalizes is x itself
+            return self._fused_kernel_stats(x, 1, x.numel() // x.shape[1])
         return self._batch_stats(self._grouped(x.detach(), groups))
 
     # The step count and the limits it sets live on the host (a Python int read every forward): kept out
     # of torch.compile's graphs, which would otherwise be specialized on it and recompiled every step.
     @torch.compiler.disable
     def _count_step(self) -> None:
-        self.num_steps += 1
+        self.num_steps.add_(1)
         self._steps += 1
 
     @torch.compiler.disable
@@ -406,16 +468,15 @@ class BatchRenorm(BatchStatNorm):
     def _corrections(self, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:
         """r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), (G, C),
         with the running statistics before this step's update."""
-        std_b = (stats.var + self.eps).sqrt()
-        std = (self.running_var + self.eps).sqrt()
+        std = self.running_var.add(self.eps).sqrt_()
         r_lim, d_lim = self.current_limits()
-        r = torch.clamp(std_b / std, min=1.0 / r_lim, max=r_lim)
-        d = torch.clamp((stats.mean - self.running_mean) / std, min=-d_lim, max=d_lim)
+        r = stats.var.add(self.eps).sqrt_().div_(std).clamp_(min=1.0 / r_lim, max=r_lim)
+        d = torch.sub(stats.mean, self.running_mean).div_(std).clamp_(min=-d_lim, max=d_lim)
         return r, d
 
     def _renormalize_with_batch_stats(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
         """The forward with the statistics of ``_batch_stats`` through autograd (the synchronized ones)."""
-        xs = self._grouped(x, groups)  # (G, k, C, S)
+        xs = float32_at_least(self._grouped(x, groups))  # (G, k, C, S)
         stats = self._batch_stats(xs)
         r, d = self._corrections(stats)
         # (x - mu_B) / sigma_B * r + d  ==  x * scale + shift, gradients through mu_B, sigma_B only.
@@ -444,10 +505,10 @@ class MeanOnlyBatchNorm(BatchStatNorm):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - per_channel(self.running_mean - self.bias, x.ndim)).to(x.dtype)
+        return (float32_at_least(x) - per_channel(self.running_mean - self.bias, x.ndim)).to(x.dtype)
 
     def _train_forward(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
-        xs = self._grouped(x, groups)
+        xs = float32_at_least(self._grouped(x, groups))
         stats = self._batch_stats(xs, with_var=False)
         out = xs - stats.mean.unsqueeze(1).unsqueeze(-1) + self.bias.view(1, 1, -1, 1)
         if update:

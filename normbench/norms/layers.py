@@ -10,9 +10,16 @@ batch statistics are in ``normbench.norms.batch_stat``.
 
 A builder that can refuse an option value takes ``norm_name``, the name the norm was chosen by
 (the registry passes it: gn and gn_ws share ``group_norm``), so that its message names that norm.
+
+Precision: under bf16 autocast a convolution hands its norm a bf16 feature map. Every layer computes
+its statistics and its normalization in float32 and returns the input's dtype (as timm's norm
+layers do), through ``float32_at_least``, which leaves float32 tensors as they are: a float32 run
+computes exactly the formula. torch's GN / LN / IN kernels accumulate in float32 themselves.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -45,6 +52,18 @@ def check_groups(norm: str, num_channels: int, groups: int, group_size: int | No
             f"({_divisors(num_channels)}) or set norm.group_size"
         )
     return groups
+
+
+def float32_at_least(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is if float32 or float64: what every layer computes its statistics and
+    its normalization in (a bf16 map under autocast converted once, explicitly, which on a CPU is also
+    5-10x faster than the mixed-dtype elementwise ops that type promotion would run)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def is_low_precision(t: torch.Tensor) -> bool:
+    """A float dtype below float32 (bf16, fp16): what autocast feeds a norm."""
+    return t.dtype in (torch.bfloat16, torch.float16)
 
 
 def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -94,17 +113,18 @@ class FilterResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = _spatial_dims(x, "FilterResponseNorm")
+        x, dtype = float32_at_least(x), x.dtype
         nu2 = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / x[0, 0].numel()
         eps = abs(self.eps) if self.eps_learned is None else abs(self.eps) + self.eps_learned.abs()
         # gamma / sqrt(nu2 + eps) per sample and channel first: one multiply-add over the feature map.
         scale = torch.rsqrt(nu2 + eps) * per_channel(self.weight, x.ndim)
         if self.tau is None:
-            return torch.addcmul(per_channel(self.bias, x.ndim), x, scale)
+            return torch.addcmul(per_channel(self.bias, x.ndim), x, scale).to(dtype)
         # TLU max(y, tau) as relu(y - tau) + tau: the same values and gradients except at exact ties
         # (maximum splits the gradient there), and 3x faster in training on a CPU than torch.maximum,
         # whose backward masks and splits every element.
         tau = per_channel(self.tau, x.ndim)
-        return torch.relu_(torch.addcmul(per_channel(self.bias, x.ndim) - tau, x, scale)) + tau
+        return (torch.relu_(torch.addcmul(per_channel(self.bias, x.ndim) - tau, x, scale)) + tau).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}, "
@@ -124,8 +144,7 @@ class _GroupRstd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
         n, c = x.shape[:2]
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least (autocast)
-        _, mean, rstd = torch.native_group_norm(x32, None, None, n, c, x[0, 0].numel(), groups, eps)
+        _, mean, rstd = torch.native_group_norm(float32_at_least(x), None, None, n, c, x[0, 0].numel(), groups, eps)
         ctx.save_for_backward(x, mean, rstd)
         ctx.groups = groups
         return rstd
@@ -136,7 +155,7 @@ class _GroupRstd(torch.autograd.Function):
         c = x.shape[1]
         coef = -grad * rstd.pow(3) / (c // ctx.groups * x[0, 0].numel())  # (N, G)
         coef, mean = _groups_to_channels(coef, c, x.ndim), _groups_to_channels(mean, c, x.ndim)
-        return torch.addcmul(-mean * coef, x, coef).to(x.dtype), None, None
+        return torch.addcmul(-mean * coef, float32_at_least(x), coef).to(x.dtype), None, None
 
 
 class EvoNormS0(nn.Module):
@@ -161,14 +180,15 @@ class EvoNormS0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _spatial_dims(x, "EvoNormS0")
-        weight = per_channel(self.weight, x.ndim)
+        weight, dtype = per_channel(self.weight, x.ndim), x.dtype
         if self.v is not None:
-            rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G)
+            rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G), float32 at least
             # gamma / group_std per sample and channel first: the feature map is touched by the
             # gate and one multiply-add only.
             weight = weight * _groups_to_channels(rstd, x.shape[1], x.ndim)
+            x = float32_at_least(x)
             x = x * torch.sigmoid(per_channel(self.v, x.ndim) * x)
-        return torch.addcmul(per_channel(self.bias, x.ndim), x, weight)
+        return torch.addcmul(per_channel(self.bias, x.ndim), float32_at_least(x), weight).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
@@ -213,6 +233,78 @@ class _LocalResponseNorm(torch.autograd.Function):
         return torch.addcmul(grad * scale, x, spread, value=-2.0 * alpha * beta), None, None, None, None
 
 
+@functools.lru_cache(maxsize=256)
+def _channel_windows(channels: int, before: int, after: int, value: float, device: torch.device) -> torch.Tensor:
+    """(C, C) float32, [c, c'] = value where c' is in c's window c - before .. c + after, else 0 (a constant,
+    cached)."""
+    offset = torch.arange(channels, device=device)
+    offset = offset.view(1, -1) - offset.view(-1, 1)  # c' - c
+    return ((offset >= -before) & (offset <= after)).float() * value
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_and_ones(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) float32 zeros and ones (constants, cached)."""
+    return torch.zeros(channels, device=device), torch.ones(channels, device=device)
+
+
+def _mix_channels(t: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """out[:, c] = sum over c' of matrix[c, c'] * t[:, c'] for a float32 (N, C, *spatial) ``t``, one matrix
+    product in float32 (autocast off) in the layout ``t`` has: (C, C) @ (N, C, S) contiguous, (N, S, C) @ (C, C)
+    channels-last (on a CPU 4x faster there than the shifted slices of ``_channel_window_sum``)."""
+    if torch.is_autocast_enabled(t.device.type):
+        with torch.autocast(t.device.type, enabled=False):
+            return _mix_channels(t, matrix)
+    last = t.movedim(1, -1)
+    if last.is_contiguous() and not t.is_contiguous():
+        return torch.matmul(last, matrix.t()).movedim(-1, 1)
+    return torch.matmul(matrix, t.reshape(t.shape[0], t.shape[1], -1)).view(t.shape)
+
+
+class _LocalResponseNormFloat32(torch.autograd.Function):
+    """``LocalResponseNorm`` (its affine included) for a low-precision input (bf16 under autocast),
+    computed in float32 and rounded once to the input's dtype, with float32 kernels that touch the
+    feature map fewer times than ``_LocalResponseNorm``: the window sums one matrix product over channels in
+    the input's layout, gamma folded into the backward's matrix, the affine's gradients one fused reduction.
+    The same formula up to float32 rounding (whose order of operations float32 runs keep exactly)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, size: int,
+                alpha: float, beta: float, k: float) -> torch.Tensor:
+        before, after = size // 2, (size - 1) // 2
+        x32 = x.to(torch.float32, copy=True)
+        denom = _mix_channels(x32.square(), _channel_windows(x.shape[1], before, after, alpha, x.device)).add_(k)
+        scale = denom.sqrt().mul_(denom).rsqrt_() if beta == 0.75 else denom.pow(-beta)
+        if weight is None:
+            y32 = x32.mul_(scale)
+            out = y32.to(x.dtype, copy=True)  # a new tensor: y32 becomes y / D below
+            ctx.save_for_backward(x, scale, y32.div_(denom), None, None)
+        else:
+            y32 = x32 * scale
+            scale.mul_(per_channel(weight, x.ndim))  # gamma D^-beta
+            out = torch.addcmul(per_channel(bias, x.ndim), x32, scale).to(x.dtype)
+            ctx.save_for_backward(x, scale, y32, denom.reciprocal_(), weight)
+        # The windows containing channel c are those of channels c - after .. c + before.
+        ctx.constants = (_channel_windows(x.shape[1], after, before, -2.0 * alpha * beta, x.device), weight is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale, y32, inv_denom, weight = ctx.saved_tensors  # scale: gamma D^-beta; y32: y (y / D without affine)
+        mix, affine = ctx.constants  # -2 alpha beta, over the windows containing each channel
+        grad32 = grad.to(torch.float32, copy=True)  # a copy: overwritten with the input's gradient
+        grad_weight = grad_bias = None
+        if affine:
+            zeros, ones = _zeros_and_ones(x.shape[1], x.device)  # gamma * (y - 0) / sqrt(1 + 0) + beta
+            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad32, y32, weight, zeros, ones, None, None, False, 0.0, [False, True, True])
+            spread = _mix_channels((grad32 * y32).mul_(inv_denom), mix * weight)  # of gamma g y / D
+        else:
+            spread = _mix_channels(grad32 * y32, mix)
+        grad_x = grad32.mul_(scale).addcmul_(x.float(), spread).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
 class LocalResponseNorm(nn.Module):
     """Local response normalization across channels as in AlexNet (Krizhevsky et al. 2012).
 
@@ -223,6 +315,10 @@ class LocalResponseNorm(nn.Module):
     A historical baseline, not a normalization in the modern sense: at AlexNet's constants
     (alpha=1e-4, k=2) and activations of a few units, as in these networks, the sum term is tiny
     and LRN(x) is within about 5e-4 of the constant scale x * 2**-0.75.
+
+    A float32 (or float64) input goes through ``_LocalResponseNorm``, the formula as float32 runs have
+    always computed it; a low-precision one (bf16 under autocast) through ``_LocalResponseNormFloat32``,
+    the same in float32 with fewer passes, rounded once.
     """
 
     def __init__(
@@ -235,6 +331,8 @@ class LocalResponseNorm(nn.Module):
         init_affine(self, num_features, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_low_precision(x):
+            return _LocalResponseNormFloat32.apply(x, self.weight, self.bias, self.size, self.alpha, self.beta, self.k)
         y = _LocalResponseNorm.apply(x, self.size, self.alpha, self.beta, self.k)
         if self.weight is not None:
             y = torch.addcmul(per_channel(self.bias, x.ndim), y, per_channel(self.weight, x.ndim))
@@ -249,6 +347,19 @@ class LocalResponseNorm(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm (gn, gn_ws's slot, ln and in), with its statistics in float32 for a low-precision
+    input also without affine parameters. With them (the default) torch's mixed-precision kernel does it
+    itself: bf16 in, float32 statistics and arithmetic, bf16 out (measured: outputs and input gradients
+    within the bf16 rounding of the float32 computation's). Without them it returns, and its backward
+    reuses, a bf16 mean and rstd (input gradients 1.6x that rounding), so the input is converted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None and is_low_precision(x):
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
+
+
 def no_norm(num_features: int) -> nn.Module:
     """No normalization: the slot is the identity."""
     return nn.Identity()
@@ -256,18 +367,18 @@ def no_norm(num_features: int) -> nn.Module:
 
 def layer_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> nn.Module:
     """Layer norm as the Group Norm paper defines it for conv nets: GroupNorm with one group."""
-    return nn.GroupNorm(1, num_features, eps=eps, affine=affine)
+    return GroupNorm(1, num_features, eps=eps, affine=affine)
 
 
 def instance_norm(num_features: int, *, eps: float = 1e-5, affine: bool = True) -> nn.Module:
     """Instance norm: per sample and channel over (H, W), which is GroupNorm with one channel per group
     (nn.InstanceNorm2d computes the same through a batch norm over N*C channels, 30% slower per
     training step at batch 2 on a CPU)."""
-    return nn.GroupNorm(num_features, num_features, eps=eps, affine=affine)
+    return GroupNorm(num_features, num_features, eps=eps, affine=affine)
 
 
 def group_norm(num_features: int, *, groups: int = 8, group_size: int | None = None, eps: float = 1e-5,
                affine: bool = True, norm_name: str = "gn") -> nn.Module:
     """Group norm (gn, and gn_ws's norm slot): per sample and group of channels over (C/G, H, W)."""
-    return nn.GroupNorm(check_groups(norm_name, num_features, groups, group_size), num_features, eps=eps,
-                        affine=affine)
+    return GroupNorm(check_groups(norm_name, num_features, groups, group_size), num_features, eps=eps,
+                     affine=affine)

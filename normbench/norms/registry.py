@@ -97,7 +97,8 @@ NORMS: dict[str, NormInfo] = {
         NormInfo("bn", "batch norm (Ioffe & Szegedy 2015): per-channel stats over (N,H,W); ghost batches, PreciseBN, "
                  "sync (SyncBN)", BatchNorm, batch_dependent=True, memory_format="channels_last"),
         NormInfo("brn", "batch renormalization (Ioffe 2017): BN corrected towards moving stats by clipped r, d; "
-                 "r/d limits relax over fractions of the run; sync", BatchRenorm, batch_dependent=True),
+                 "r/d limits relax over fractions of the run; sync", BatchRenorm, batch_dependent=True,
+                 memory_format="channels_last"),
         NormInfo("gn", "group norm (Wu & He 2018): per-sample stats over (C/G,H,W) per group", group_norm),
         NormInfo("ln", "layer norm as in the Group Norm paper: per-sample stats over (C,H,W), per-channel affine",
                  layer_norm, memory_format="channels_last"),
@@ -116,7 +117,7 @@ NORMS: dict[str, NormInfo] = {
         NormInfo("evonorm_s0", "norm-activation: EvoNorm-S0 (Liu et al. 2020), x*sigmoid(v*x)/group_std(x); "
                  "replaces BN+ReLU", EvoNormS0, memory_format="channels_last"),
         NormInfo("lrn", "local response norm (AlexNet 2012); at its constants ~ a fixed scale x*2^-0.75 here",
-                 LocalResponseNorm),
+                 LocalResponseNorm, memory_format="channels_last"),
     ]
 }
 

@@ -16,17 +16,24 @@ the options it reads and their defaults:
 wn (without mean-only BN) and sn leave the norm slot as Identity, so a bias-free layer would have
 no per-channel shift at all (the replaced norm's beta is gone); such layers get a zero-initialised
 bias, which is also the bias b of Salimans & Kingma's t = w.x + b that data-dependent init sets.
+
+Every reparametrization computes the weight (and its norm, sigma or mean and variance) from the
+float32 parameters with autocast off, so a bf16 run reparametrizes in float32 too (CUDA's autocast
+would run spectral norm's ``torch.mv`` in bf16; the convolution then casts the weight itself).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 
 from normbench.norms.batch_stat import MeanOnlyBatchNorm
+from normbench.norms.layers import float32_at_least
 
 _INIT_FLAG = "wn_init_done"
 
@@ -36,9 +43,36 @@ def _out_channel_norm(w: torch.Tensor) -> torch.Tensor:
     return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.ndim - 1)))
 
 
+def _autocast_off(forward):
+    """A parametrization's forward with autocast off: in float32 from the float32 parameters."""
+
+    @functools.wraps(forward)
+    def in_float32(self, *tensors: torch.Tensor) -> torch.Tensor:
+        device = tensors[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return forward(self, *tensors)
+        with torch.autocast(device, enabled=False):
+            return forward(self, *tensors)
+
+    return in_float32
+
+
+class Float32WeightNorm(_WeightNorm):
+    """torch's weight_norm parametrization (w = g * v / ||v||, g = original0, v = original1), autocast off."""
+
+    forward = _autocast_off(_WeightNorm.forward)
+
+
+class Float32SpectralNorm(_SpectralNorm):
+    """torch's spectral_norm parametrization (w / sigma, its u and v buffers), autocast off."""
+
+    forward = _autocast_off(_SpectralNorm.forward)
+
+
 class ExpGainWeightNorm(nn.Module):
     """Weight norm with log-parametrized gain: w = exp(s) * v / ||v|| (per output channel)."""
 
+    @_autocast_off
     def forward(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v * (s.exp() / _out_channel_norm(v))
 
@@ -53,6 +87,7 @@ class WeightStandardization(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @_autocast_off
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         # Per output channel over the rest is a training-mode batch norm of w as (1, out, rest): one
         # fused kernel forward and backward (as timm's StdConv2d), recomputed every forward.
@@ -86,14 +121,15 @@ def weight_norm_reparam(layer: nn.Module, *, exp_g: bool = False, init: str = "n
         layer.register_buffer(_INIT_FLAG, torch.zeros((), dtype=torch.bool, device=layer.weight.device))
     if exp_g:
         parametrize.register_parametrization(layer, "weight", ExpGainWeightNorm())
-    else:
-        weight_norm(layer, "weight", dim=0)
+    else:  # what torch.nn.utils.parametrizations.weight_norm(layer, "weight", dim=0) registers
+        parametrize.register_parametrization(layer, "weight", Float32WeightNorm(0), unsafe=True)
 
 
 def spectral_norm_reparam(layer: nn.Module, *, n_power_iterations: int = 1) -> None:
     """w / sigma_max(w), torch's spectral_norm (one persistent u, power iteration in training forwards)."""
     _ensure_bias(layer)
-    spectral_norm(layer, "weight", n_power_iterations=n_power_iterations)
+    # what torch.nn.utils.parametrizations.spectral_norm(layer, "weight", n_power_iterations) registers
+    parametrize.register_parametrization(layer, "weight", Float32SpectralNorm(layer.weight, n_power_iterations, 0, 1e-12))
 
 
 def standardize_weights(layer: nn.Module, *, ws_eps: float = 1e-5) -> None:
@@ -106,6 +142,7 @@ def _wn_init_hook(mod: nn.Module, args, out: torch.Tensor):
     flag = getattr(mod, _INIT_FLAG)
     if bool(flag):  # layer called twice in one forward: already initialised
         return None
+    out, dtype = float32_at_least(out), out.dtype  # the statistics in float32 (an init under autocast)
     param = mod.parametrizations.weight
     g_raw = param.original0
     exp_g = isinstance(param[0], ExpGainWeightNorm)
@@ -129,7 +166,7 @@ def _wn_init_hook(mod: nn.Module, args, out: torch.Tensor):
         mod.bias.copy_(-mean * inv_std)
         new = new - (mean * inv_std).view(shape)
     flag.fill_(True)
-    return new
+    return new.to(dtype)
 
 
 def mark_initialized(layer: nn.Module) -> None:
