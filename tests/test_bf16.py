@@ -79,6 +79,21 @@ def _float32_buffers(layer) -> dict[str, torch.Tensor]:
     return {k: v for k, v in layer.named_buffers() if v.is_floating_point()}
 
 
+def _forward_backward_pair(layer16, layer32, kind: str, step: int):
+    """One forward and backward of `layer16` on a bf16 input under autocast and of `layer32` on the same
+    values in float32, their outputs checked close; returns the two inputs, holding their gradients."""
+    x = _bf16_input(kind, step)
+    upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + step))
+    x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = layer16(x16)
+    out32 = layer32(x32)
+    _assert_close_to_float32(out16, out32.detach(), f"output, step {step}")
+    out16.float().backward(upstream)
+    out32.backward(upstream.bfloat16().float())  # the gradient the bf16 output receives
+    return x16, x32
+
+
 @pytest.mark.parametrize("kind", INPUTS)
 @pytest.mark.parametrize("apply_act", [True, False])
 @pytest.mark.parametrize("name, opts", VARIANTS,
@@ -93,15 +108,7 @@ def test_a_norm_under_bf16_autocast_computes_what_it_computes_in_float32(name, o
     opt32, opt16 = (torch.optim.SGD(m.parameters(), lr=0.1) if list(m.parameters()) else None
                     for m in (layer32, layer16))
     for step in range(4):
-        x = _bf16_input(kind, step)
-        upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + step))
-        x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out16 = layer16(x16)
-        out32 = layer32(x32)
-        _assert_close_to_float32(out16, out32.detach(), f"output, step {step}")
-        out16.float().backward(upstream)
-        out32.backward(upstream.bfloat16().float())  # the gradient the bf16 output receives
+        x16, x32 = _forward_backward_pair(layer16, layer32, kind, step)
         assert x16.grad.dtype == torch.bfloat16 and torch.isfinite(x16.grad).all()
         assert _relative_error(x16.grad, x32.grad) < 5e-3, step
         for (pname, p16), p32 in zip(layer16.named_parameters(), layer32.parameters()):
@@ -220,15 +227,7 @@ def test_synchronized_statistics_under_bf16_autocast(name, opts, kind, tmp_path,
         layer32, _ = _layers(name, opts, True)
         assert synced[0]._syncs() and not layer32[0]._syncs()
         for step in range(3):
-            x = _bf16_input(kind, step)
-            upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + step))
-            x16, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out16 = synced(x16)
-            out32 = layer32(x32)
-            _assert_close_to_float32(out16, out32.detach(), f"output, step {step}")
-            out16.float().backward(upstream)
-            out32.backward(upstream.bfloat16().float())
+            x16, x32 = _forward_backward_pair(synced, layer32, kind, step)
             assert _relative_error(x16.grad, x32.grad) < 5e-3
             for key, b32 in _float32_buffers(layer32).items():
                 b16 = _float32_buffers(synced)[key]
