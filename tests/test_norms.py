@@ -967,7 +967,7 @@ def test_lrn_low_precision_path_is_the_formula(size, beta, alpha, k, memory_form
     """The float32 function a bf16 input goes through (window sums as a matrix product, the affine inside)
     is LRN's formula: on a float32 input, values and every gradient within float32 rounding of the exact
     path in float64, the input's layout kept, the input untouched."""
-    from normbench.norms.layers import _LocalResponseNormFloat32
+    from normbench.norms.layers import _local_response_norm_float32
 
     torch.manual_seed(0)
     m = build_norm("lrn", 10, size=size, alpha=alpha, beta=beta, k=k, affine=affine)
@@ -978,7 +978,7 @@ def test_lrn_low_precision_path_is_the_formula(size, beta, alpha, k, memory_form
     x = (2 * torch.randn(3, 10, 5, 6)).contiguous(memory_format=memory_format)
     upstream = torch.randn_like(x)
     x_in = x.clone().requires_grad_()
-    out = _LocalResponseNormFloat32.apply(x_in, m.weight, m.bias, size, alpha, beta, k)
+    out = _local_response_norm_float32(x_in, m.weight, m.bias, size, alpha, beta, k)  # float32: eager
     ours = (out, *torch.autograd.grad(out, [x_in, *m.parameters()], upstream))
     exact = copy.deepcopy(m).double()
     ref = _grads(exact, x.double(), upstream.double(), list(exact.parameters()))

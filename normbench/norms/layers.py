@@ -19,12 +19,11 @@ computes exactly the formula. torch's GN / LN / IN kernels accumulate in float32
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 
 from normbench.errors import UserError
+from normbench.norms.fused import cpu_fused
 
 
 class NormConfigError(UserError, ValueError):
@@ -92,6 +91,24 @@ def _spatial_dims(x: torch.Tensor, layer: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 
 
+@cpu_fused
+def _filter_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: torch.Tensor | None,
+                          eps) -> torch.Tensor:
+    """FRN (+ TLU where ``tau`` is given) of ``x`` in float32 at least, returned in ``x``'s dtype."""
+    x, dtype = float32_at_least(x), x.dtype
+    dims = tuple(range(2, x.ndim))
+    nu2 = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / x[0, 0].numel()
+    # gamma / sqrt(nu2 + eps) per sample and channel first: one multiply-add over the feature map.
+    scale = torch.rsqrt(nu2 + eps) * per_channel(weight, x.ndim)
+    if tau is None:
+        return torch.addcmul(per_channel(bias, x.ndim), x, scale).to(dtype)
+    # TLU max(y, tau) as relu(y - tau) + tau: the same values and gradients except at exact ties
+    # (maximum splits the gradient there), and 3x faster in training on a CPU than torch.maximum,
+    # whose backward masks and splits every element.
+    tau = per_channel(tau, x.ndim)
+    return (torch.relu_(torch.addcmul(per_channel(bias, x.ndim) - tau, x, scale)) + tau).to(dtype)
+
+
 class FilterResponseNorm(nn.Module):
     """Filter response normalization + TLU (Singh & Krishnan 2019), a norm-*activation* layer.
 
@@ -112,19 +129,9 @@ class FilterResponseNorm(nn.Module):
         self.eps_learned = nn.Parameter(torch.full((1,), 1e-4)) if learnable_eps else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = _spatial_dims(x, "FilterResponseNorm")
-        x, dtype = float32_at_least(x), x.dtype
-        nu2 = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / x[0, 0].numel()
+        _spatial_dims(x, "FilterResponseNorm")
         eps = abs(self.eps) if self.eps_learned is None else abs(self.eps) + self.eps_learned.abs()
-        # gamma / sqrt(nu2 + eps) per sample and channel first: one multiply-add over the feature map.
-        scale = torch.rsqrt(nu2 + eps) * per_channel(self.weight, x.ndim)
-        if self.tau is None:
-            return torch.addcmul(per_channel(self.bias, x.ndim), x, scale).to(dtype)
-        # TLU max(y, tau) as relu(y - tau) + tau: the same values and gradients except at exact ties
-        # (maximum splits the gradient there), and 3x faster in training on a CPU than torch.maximum,
-        # whose backward masks and splits every element.
-        tau = per_channel(self.tau, x.ndim)
-        return (torch.relu_(torch.addcmul(per_channel(self.bias, x.ndim) - tau, x, scale)) + tau).to(dtype)
+        return _filter_response_norm(x, self.weight, self.bias, self.tau, eps)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, learnable_eps={self.eps_learned is not None}, "
@@ -158,6 +165,20 @@ class _GroupRstd(torch.autograd.Function):
         return torch.addcmul(-mean * coef, float32_at_least(x), coef).to(x.dtype), None, None
 
 
+@cpu_fused
+def _evonorm_s0_float32(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                        eps: float) -> torch.Tensor:
+    """EvoNorm-S0 with its gate (``EvoNormS0``'s formula) of a low-precision input in float32 through autograd,
+    rounded once to the input's dtype; fused on a CPU (``cpu_fused``; the float32 path takes its group statistic
+    from torch's group-norm kernel instead)."""
+    x32 = x.float()
+    grouped = x32.unflatten(1, (groups, x.shape[1] // groups))  # a view in either layout
+    var = grouped.var(dim=tuple(range(2, grouped.ndim)), unbiased=False, keepdim=True)
+    scale = (torch.rsqrt(var + eps) * weight.view(1, *grouped.shape[1:3], *([1] * (x.ndim - 2)))).flatten(1, 2)
+    gated = x32 * torch.sigmoid(per_channel(v, x.ndim) * x32)
+    return torch.addcmul(per_channel(bias, x.ndim), gated, scale).to(x.dtype)
+
+
 class EvoNormS0(nn.Module):
     """EvoNorm-S0 (Liu et al. 2020), a norm-*activation* layer.
 
@@ -180,6 +201,8 @@ class EvoNormS0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _spatial_dims(x, "EvoNormS0")
+        if self.v is not None and is_low_precision(x):
+            return _evonorm_s0_float32(x, self.v, self.weight, self.bias, self.groups, self.eps)
         weight, dtype = per_channel(self.weight, x.ndim), x.dtype
         if self.v is not None:
             rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G), float32 at least
@@ -233,76 +256,34 @@ class _LocalResponseNorm(torch.autograd.Function):
         return torch.addcmul(grad * scale, x, spread, value=-2.0 * alpha * beta), None, None, None, None
 
 
-@functools.lru_cache(maxsize=256)
-def _channel_windows(channels: int, before: int, after: int, value: float, device: torch.device) -> torch.Tensor:
-    """(C, C) float32, [c, c'] = value where c' is in c's window c - before .. c + after, else 0 (a constant,
-    cached)."""
-    offset = torch.arange(channels, device=device)
-    offset = offset.view(1, -1) - offset.view(-1, 1)  # c' - c
-    return ((offset >= -before) & (offset <= after)).float() * value
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros_and_ones(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C,) float32 zeros and ones (constants, cached)."""
-    return torch.zeros(channels, device=device), torch.ones(channels, device=device)
-
-
 def _mix_channels(t: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """out[:, c] = sum over c' of matrix[c, c'] * t[:, c'] for a float32 (N, C, *spatial) ``t``, one matrix
-    product in float32 (autocast off) in the layout ``t`` has: (C, C) @ (N, C, S) contiguous, (N, S, C) @ (C, C)
-    channels-last (on a CPU 4x faster there than the shifted slices of ``_channel_window_sum``)."""
-    if torch.is_autocast_enabled(t.device.type):
-        with torch.autocast(t.device.type, enabled=False):
-            return _mix_channels(t, matrix)
+    """out[:, c] = sum over c' of matrix[c, c'] * t[:, c'] for an (N, C, *spatial) ``t``, one matrix product in
+    the layout ``t`` has: (C, C) @ (N, C, S) contiguous, (N, S, C) @ (C, C) channels-last (on a CPU 4x faster
+    there than the shifted slices of ``_channel_window_sum``)."""
     last = t.movedim(1, -1)
     if last.is_contiguous() and not t.is_contiguous():
         return torch.matmul(last, matrix.t()).movedim(-1, 1)
     return torch.matmul(matrix, t.reshape(t.shape[0], t.shape[1], -1)).view(t.shape)
 
 
-class _LocalResponseNormFloat32(torch.autograd.Function):
-    """``LocalResponseNorm`` (its affine included) for a low-precision input (bf16 under autocast),
-    computed in float32 and rounded once to the input's dtype, with float32 kernels that touch the
-    feature map fewer times than ``_LocalResponseNorm``: the window sums one matrix product over channels in
-    the input's layout, gamma folded into the backward's matrix, the affine's gradients one fused reduction.
-    The same formula up to float32 rounding (whose order of operations float32 runs keep exactly)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, size: int,
-                alpha: float, beta: float, k: float) -> torch.Tensor:
-        before, after = size // 2, (size - 1) // 2
-        x32 = x.to(torch.float32, copy=True)
-        denom = _mix_channels(x32.square(), _channel_windows(x.shape[1], before, after, alpha, x.device)).add_(k)
-        scale = denom.sqrt().mul_(denom).rsqrt_() if beta == 0.75 else denom.pow(-beta)
-        if weight is None:
-            y32 = x32.mul_(scale)
-            out = y32.to(x.dtype, copy=True)  # a new tensor: y32 becomes y / D below
-            ctx.save_for_backward(x, scale, y32.div_(denom), None, None)
-        else:
-            y32 = x32 * scale
-            scale.mul_(per_channel(weight, x.ndim))  # gamma D^-beta
-            out = torch.addcmul(per_channel(bias, x.ndim), x32, scale).to(x.dtype)
-            ctx.save_for_backward(x, scale, y32, denom.reciprocal_(), weight)
-        # The windows containing channel c are those of channels c - after .. c + before.
-        ctx.constants = (_channel_windows(x.shape[1], after, before, -2.0 * alpha * beta, x.device), weight is not None)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, scale, y32, inv_denom, weight = ctx.saved_tensors  # scale: gamma D^-beta; y32: y (y / D without affine)
-        mix, affine = ctx.constants  # -2 alpha beta, over the windows containing each channel
-        grad32 = grad.to(torch.float32, copy=True)  # a copy: overwritten with the input's gradient
-        grad_weight = grad_bias = None
-        if affine:
-            zeros, ones = _zeros_and_ones(x.shape[1], x.device)  # gamma * (y - 0) / sqrt(1 + 0) + beta
-            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad32, y32, weight, zeros, ones, None, None, False, 0.0, [False, True, True])
-            spread = _mix_channels((grad32 * y32).mul_(inv_denom), mix * weight)  # of gamma g y / D
-        else:
-            spread = _mix_channels(grad32 * y32, mix)
-        grad_x = grad32.mul_(scale).addcmul_(x.float(), spread).to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+@cpu_fused
+def _local_response_norm_float32(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, size: int,
+                                 alpha: float, beta: float, k: float) -> torch.Tensor:
+    """``LocalResponseNorm`` (its affine included) of a low-precision input (bf16 under autocast), in float32
+    (autocast off: the window sums too) through autograd, rounded once to the input's dtype: the window sums
+    one matrix product over channels in the input's layout. The formula of ``_LocalResponseNorm`` up to
+    float32 rounding; fused on a CPU (``cpu_fused``)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x32, channels = x.float(), x.shape[1]
+        offset = torch.arange(channels, device=x.device)
+        offset = offset.view(1, -1) - offset.view(-1, 1)  # c' - c
+        windows = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() * alpha
+        denom = _mix_channels(x32.square(), windows) + k
+        scale = torch.rsqrt(denom * torch.sqrt(denom)) if beta == 0.75 else denom.pow(-beta)
+        y = x32 * scale
+        if weight is not None:
+            y = torch.addcmul(per_channel(bias, x.ndim), y, per_channel(weight, x.ndim))
+        return y.to(x.dtype)
 
 
 class LocalResponseNorm(nn.Module):
@@ -317,8 +298,8 @@ class LocalResponseNorm(nn.Module):
     and LRN(x) is within about 5e-4 of the constant scale x * 2**-0.75.
 
     A float32 (or float64) input goes through ``_LocalResponseNorm``, the formula as float32 runs have
-    always computed it; a low-precision one (bf16 under autocast) through ``_LocalResponseNormFloat32``,
-    the same in float32 with fewer passes, rounded once.
+    always computed it; a low-precision one (bf16 under autocast) through ``_local_response_norm_float32``,
+    the same in float32, fused on a CPU, rounded once.
     """
 
     def __init__(
@@ -332,7 +313,7 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_low_precision(x):
-            return _LocalResponseNormFloat32.apply(x, self.weight, self.bias, self.size, self.alpha, self.beta, self.k)
+            return _local_response_norm_float32(x, self.weight, self.bias, self.size, self.alpha, self.beta, self.k)
         y = _LocalResponseNorm.apply(x, self.size, self.alpha, self.beta, self.k)
         if self.weight is not None:
             y = torch.addcmul(per_channel(self.bias, x.ndim), y, per_channel(self.weight, x.ndim))
