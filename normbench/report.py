@@ -24,7 +24,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from normbench import atomic, identity
+from normbench import atomic, comparisons, identity
 from normbench.collect import (  # noqa: F401  (the library interface of the report)
     PROG,
     CorruptRun,
@@ -112,10 +112,15 @@ def write_report(
     display = format_table(report.table, target_acc)
 
     written: dict[str, Path] = {}
+    contrasts = comparisons.compare(report.table)
     texts = {
         "table.md": to_markdown(display, title, notes),
         "table.csv": report.table.to_csv(index=False),
         "table.tex": to_latex(display, title, notes),
+        "comparisons.md": comparisons.comparisons_markdown(contrasts),
+        "comparisons.csv": contrasts.to_csv(index=False),
+        "comparisons.tex": comparisons.comparisons_latex(contrasts),
+        "findings.md": comparisons.findings_markdown(contrasts, report.table, report.runs),
     }
     for name, text in texts.items():
         written[name] = out_dir / name

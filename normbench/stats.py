@@ -61,3 +61,16 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> 
     ci = result.confidence_interval(confidence)
     return Difference(sum(a) / len(a) - sum(b) / len(b), float(ci.low), float(ci.high), float(result.pvalue),
                       len(a), len(b))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (in their order; NaN stays NaN and does not count):
+    the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). It controls the chance of
+    any false "higher" / "lower" in the family at the level it is read at."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted

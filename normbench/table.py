@@ -32,6 +32,10 @@ CHANCE_ACC, CHANCE_MARGIN = 10.0, 2.0
 CHANCE_MARK = "†"
 # An lr chosen at the end of its candidates: the best rate may lie beyond the ones tried.
 EDGE_MARK = "‡"
+# An lr pick whose validation margin over the runner-up is within the noise of the validation set.
+NOISE_MARK = "≈"
+# Which candidate a tie of mean validation accuracy goes to.
+LR_TIE_RULE = "a tie goes to the lower lr"
 
 NO_VAL_HINT = (
     "--select-best lr picks the lr by validation accuracy, but no completed run has one; "
@@ -99,6 +103,11 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
         "at_chance": _at_chance(completed),
         "train_loss_mean": completed["train_loss"].mean(),
         "val_acc_mean": completed["val_acc_for_selection"].mean(),
+        # The seeds whose validation accuracy voted for the lr (those every candidate lr has) and the size of
+        # their validation set: what an lr pick's margin is weighed against.
+        "tuning_seeds": " ".join(str(s) for s in sorted(completed.loc[completed["val_acc_for_selection"].notna(),
+                                                                      "seed"].astype(int))),
+        "val_size": completed["val_size"].max(),
         "epochs_to_target_mean": reached.mean() if len(reached) else float("nan"),
         "epochs_to_target_n": len(reached),
         "seconds_per_epoch_mean": completed["seconds_per_epoch"].mean(),
@@ -106,6 +115,9 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
         **{f"{key}_mean": completed[key].mean() for key in summary.GAP_FIELDS},
         **{f"{key}_std": float(completed[key].std(ddof=1)) if n >= 2 else float("nan") for key in summary.GAP_FIELDS},
         "n_completed": n,
+        # Each completed seed's test accuracy, "seed:acc;...": what the comparisons' tests are computed from.
+        "seed_test_acc": ";".join(f"{seed}:{acc!r}" for seed, acc in
+                                  sorted(zip(completed["seed"].astype(int), completed["test_acc"].astype(float)))),
         "n_failed": int((runs["status"] == summary.FAILED).sum()),
         "n_diverged": int((runs["status"] == summary.DIVERGED).sum()),
         "n_runs": len(runs),
@@ -187,24 +199,58 @@ def is_missing(value) -> bool:
 
 
 def _select_best_lr(table: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
-    """Keep, per setting, the base lr with the highest mean validation accuracy (over the seeds
-    that every candidate lr has: _tuning_val_acc)."""
+    """Keep, per setting, the base lr with the highest mean validation accuracy (over the seeds that every
+    candidate lr has: _tuning_val_acc); a tie goes to the lower lr (LR_TIE_RULE). The kept row records the
+    pick's margin over the runner-up (lr_margin, in validation points), whether that margin is within the
+    binomial standard error of a difference of two such accuracies (lr_within_noise), its test accuracy
+    over the seeds that took no part in the pick (test_acc_heldout_mean, seeds in heldout_seeds), and the
+    failed and diverged runs of every candidate lr (the grid), not of the pick alone."""
     if table["val_acc_mean"].isna().all():
         raise UserError(NO_VAL_HINT)
     kept_rows = []
     for _, rows in table.groupby(setting_keys(settings), dropna=False, sort=False):
-        candidates = ";".join(f"{lr:g}" for lr in sorted(rows["lr"]))
+        rows = rows.sort_values("lr", kind="stable")
+        candidates = ";".join(f"{lr:g}" for lr in rows["lr"])
         with_val = rows.dropna(subset=["val_acc_mean"])
         if with_val.empty and len(rows) > 1:
             warn(f"dropping {_describe_setting(rows.iloc[0], settings)}: no validation accuracy to pick an lr")
             continue
-        if with_val.empty:
-            best = rows.iloc[[0]]
-        else:
-            best = with_val.loc[[with_val["val_acc_mean"].idxmax()]]
-        kept_rows.append(best.assign(lr_candidates=candidates))
+        best = rows.iloc[[0]] if with_val.empty else with_val.loc[[with_val["val_acc_mean"].idxmax()]]  # first = lowest lr
+        kept_rows.append(best.assign(lr_candidates=candidates, **_pick_margin(best.iloc[0], with_val),
+                                     **_heldout(best.iloc[0]), n_failed=int(rows["n_failed"].sum()),
+                                     n_diverged=int(rows["n_diverged"].sum()), n_runs=int(rows["n_runs"].sum())))
     selected = pd.concat(kept_rows, ignore_index=True)
     return selected.rename(columns={"lr": "lr_selected"})
+
+
+def _pick_margin(best: pd.Series, candidates: pd.DataFrame) -> dict:
+    """The pick's validation margin over the runner-up and whether it is within noise: below the standard
+    error of the difference of two accuracies, each a mean over the tuning seeds' validation sets,
+    sqrt(2 p (1 - p) / (val_size x seeds)) at the pick's accuracy p."""
+    others = candidates[candidates["lr"] != best["lr"]]["val_acc_mean"]
+    if others.empty:
+        return {"lr_margin": float("nan"), "lr_within_noise": False}
+    margin = float(best["val_acc_mean"] - others.max())
+    n = float(best["val_size"]) * max(len(str(best["tuning_seeds"]).split()), 1)
+    p = float(best["val_acc_mean"]) / 100.0
+    standard_error = 100.0 * math.sqrt(2 * p * (1 - p) / n) if n > 0 else float("nan")
+    return {"lr_margin": margin, "lr_within_noise": bool(margin < standard_error)}
+
+
+def _heldout(best: pd.Series) -> dict:
+    """Test accuracy at the pick over the seeds that did not vote for it (empty where every seed voted)."""
+    tuning = {int(seed) for seed in str(best["tuning_seeds"]).split()}
+    heldout = {seed: acc for seed, acc in seed_values(best["seed_test_acc"]).items() if seed not in tuning}
+    return {"test_acc_heldout_mean": float(np.mean(list(heldout.values()))) if heldout else float("nan"),
+            "heldout_seeds": " ".join(map(str, sorted(heldout)))}
+
+
+def seed_values(text) -> dict[int, float]:
+    """A row's seed_test_acc ("seed:acc;...") as {seed: test accuracy}."""
+    if is_missing(text) or not str(text):
+        return {}
+    pairs = (item.split(":") for item in str(text).split(";"))
+    return {int(seed): float(acc) for seed, acc in pairs}
 
 
 def _describe_setting(row: pd.Series, settings: list[str]) -> str:
@@ -306,6 +352,12 @@ def _fmt_acc(mean, std, n: int, at_chance: bool) -> str:
     return f"{text} {CHANCE_MARK}" if at_chance else text
 
 
+def _fmt_margin(margin, within_noise: bool) -> str:
+    if margin is None or pd.isna(margin):
+        return EMPTY
+    return f"{margin:+.2f}" + (f" {NOISE_MARK}" if within_noise else "")
+
+
 def _fmt_epochs(mean, n_reached: int, n_completed: int) -> str:
     if n_reached == 0:
         return EMPTY
@@ -361,9 +413,14 @@ def format_table(table: pd.DataFrame, target_acc: float = DEFAULT_TARGET_ACC) ->
         columns["base lr"] = [_fmt_lr(lr) for lr in _base_lr(table)]
     if selected:
         columns["val acc"] = [_fmt(v) for v in table["val_acc_mean"]]
+        columns["lr margin"] = [_fmt_margin(m, noise) for m, noise in zip(table["lr_margin"], table["lr_within_noise"])]
     columns["test acc"] = [
         _fmt_acc(r.test_acc_mean, r.test_acc_std, r.n_completed, r.at_chance) for r in rows]
     columns["95% CI ±"] = [_fmt(v) for v in table["test_acc_ci95"]]
+    if selected:
+        columns["test acc (held-out seeds)"] = [
+            EMPTY if not seeds else f"{_fmt(v)} ({seeds})"
+            for v, seeds in zip(table["test_acc_heldout_mean"], table["heldout_seeds"].fillna(""))]
     columns["best test acc"] = [_fmt(v) for v in table["best_test_acc_mean"]]
     columns["final train loss"] = [_fmt(v, 4) for v in table["train_loss_mean"]]
     columns[f"epochs to {target_acc:g}%"] = [
@@ -388,15 +445,17 @@ def table_title(table: pd.DataFrame, target_acc: float) -> str:
     n_completed = int(table["n_completed"].sum())
     n_failed = int(table["n_failed"].sum())
     n_diverged = int(table["n_diverged"].sum())
+    completed = "completed at the picked rates" if "lr_selected" in table.columns else "completed"
     title = (
         f"Test accuracy (%) by model, normalization and batch size: mean ± std over completed "
-        f"seeds, from {n_runs} run{'s' if n_runs != 1 else ''} ({n_completed} completed, "
+        f"seeds, from {n_runs} run{'s' if n_runs != 1 else ''} ({n_completed} {completed}, "
         f"{n_failed} failed, "
         f"{n_diverged} diverged); epochs to {target_acc:g}% = first epoch reaching it"
     )
     if "lr_selected" in table.columns:
         title += ("; lr selected per row by mean validation accuracy over the seeds every candidate lr has"
-                  " (val acc), test accuracy over all seeds at that lr")
+                  f" (val acc; {LR_TIE_RULE}), test accuracy over all seeds at that lr and over the seeds that took"
+                  " no part in the pick; runs, failed and diverged count every candidate lr's runs")
     return title
 
 
@@ -414,6 +473,10 @@ def table_notes(table: pd.DataFrame, protocol: str | None = None) -> list[str]:
         if any((table[key].astype(str) == UNKNOWN).any() for key in settings):
             notes.append(f"{UNKNOWN}: not recorded (a summary without the run's config, e.g. a failed "
                          "run's, that matches no single experiment).")
+    if "lr_margin" in table.columns:
+        notes.append(f"lr margin: the pick's mean validation accuracy minus the runner-up's; {NOISE_MARK} where that is "
+                     "below the binomial standard error of a difference of two such accuracies (the pick is then a "
+                     "coin toss between them).")
     if lr_at_edge(table).any():
         notes.append(f"{EDGE_MARK} the selected lr is the highest or lowest of the rates tried for that row "
                      "(csv column lr_candidates): its best rate may lie beyond them.")
@@ -437,7 +500,8 @@ GAP_COLUMNS = {
 
 _NUMERIC_DISPLAY_COLUMNS = {
     *GAP_COLUMNS.values(),
-    "batch", "devices", "global batch", "norm batch", "lr", "lr (selected)", "base lr", "val acc",
+    "batch", "devices", "global batch", "norm batch", "lr", "lr (selected)", "base lr", "val acc", "lr margin",
+    "test acc (held-out seeds)",
     "test acc", "95% CI ±", "best test acc", "final train loss", "s/epoch", "images/s", "seeds",
     "failed", "diverged",
 }

@@ -1,0 +1,341 @@
+"""The contrasts a sweep implies, each with its difference of means, 95% CI and test, and the findings
+written from them: a report's comparisons.md / .csv / .tex and findings.md.
+
+A contrast compares two rows of the table (two arms) that differ in one factor, every other setting equal:
+
+* ``batch``: within a norm, every batch / normalization batch against the largest one;
+* ``norm``: within an SGD batch, every norm against BN (a batch-independent norm against BN at each of
+  BN's normalization batches there);
+* any other setting that differs between rows (placement, a differing config key): every value against
+  the first one in the table's order (placement: before).
+
+``memory_format`` is not a factor: it is resolved per norm (its kernels' layout), so rows that differ
+only by it are compared as one. Without ``--select-best``, two rows at different base lrs are compared
+only where one of the settings was run at one lr; with it, each row's picked lr.
+
+Tests: Welch's t over each arm's completed seeds (``normbench.stats``), and the p-value Holm-adjusted
+over every contrast of the report (the family); where both arms ran the same seeds (the same data
+draws), also the paired test. The verdict is "higher" or "lower" where the Holm-adjusted p is below
+``ALPHA``, and "no detectable difference" otherwise, whatever the uncorrected p.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from normbench import identity, stats, summary
+from normbench.table import (CHANCE_ACC, EMPTY, _latex_escape, is_missing, seed_values, table_setting_columns,
+                             to_markdown)
+
+ALPHA = 0.05
+REFERENCE_NORM = "bn"
+BATCH_COLUMNS = ["batch_size", "devices", "virtual_batch", "norm_batch"]
+NOT_FACTORS = ["memory_format"]  # resolved per norm: how its kernels lay out memory
+HIGHER, LOWER, NO_DIFFERENCE = "higher", "lower", "no detectable difference"
+
+COLUMNS = ["family", "context", "arm", "reference", "arm_mean", "reference_mean", "diff", "ci_low", "ci_high", "p",
+           "p_holm", "paired_ci_low", "paired_ci_high", "paired_p", "n_arm", "n_reference", "seeds_arm",
+           "seeds_reference", "arm_lr", "reference_lr", "verdict"]
+
+
+def _lr_column(table: pd.DataFrame) -> str:
+    return "lr_selected" if "lr_selected" in table.columns else "lr"
+
+
+def _batch_text(row) -> str:
+    text = f"batch {row['batch_size']}"
+    if row["devices"] > 1:
+        text += f" x {row['devices']} devices"
+    if not pd.isna(row["norm_batch"]) and row["norm_batch"] != row["batch_size"] * row["devices"]:
+        text += f", norm batch {row['norm_batch']}"
+    return text
+
+
+def _norm_text(row) -> str:
+    """The norm, with its normalization batch where that is not the batch (ghost / per-device batches)."""
+    if not pd.isna(row["norm_batch"]) and row["norm_batch"] != row["batch_size"] * row["devices"]:
+        return f"{row['norm']} (norm batch {row['norm_batch']})"
+    return str(row["norm"])
+
+
+def _value_text(row, column: str) -> str:
+    if column == "batch":
+        return _batch_text(row)
+    if column == "norm":
+        return _norm_text(row)
+    value = row[column]
+    return f"{column}={EMPTY if is_missing(value) else value}"
+
+
+def _same(a, b) -> bool:
+    return (is_missing(a) and is_missing(b)) or (not is_missing(a) and not is_missing(b) and a == b)
+
+
+def _groups(table: pd.DataFrame, keys: list[str]):
+    """The table's rows grouped on `keys` (missing values equal), in table order."""
+    groups: list[list[int]] = []
+    for i in range(len(table)):
+        for group in groups:
+            if all(_same(table.iloc[group[0]][k], table.iloc[i][k]) for k in keys):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+class _Plan:
+    """Which rows of a table are contrasted with which: (family, arm row, reference row) triples."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.table = table
+        self.settings = [c for c in table_setting_columns(table) if c not in NOT_FACTORS]
+        self.lr = _lr_column(table)
+        self.pairs: list[tuple[str, int, int]] = []
+
+    def keys_without(self, *varying: str) -> list[str]:
+        keys = ["model", *self.settings, "placement", "norm", *BATCH_COLUMNS]
+        return [k for k in keys if k not in varying]
+
+    def lr_compatible(self, i: int, j: int) -> bool:
+        """Different base lrs are compared only where a setting ran at one lr (or each row is a pick)."""
+        if self.lr == "lr_selected":
+            return True
+        a, b = self.table.iloc[i], self.table.iloc[j]
+        if a[self.lr] == b[self.lr]:
+            return True
+        return self._lr_count(i) == 1 or self._lr_count(j) == 1
+
+    def _lr_count(self, i: int) -> int:
+        keys = self.keys_without()
+        row = self.table.iloc[i]
+        return sum(all(_same(row[k], other[k]) for k in keys) for _, other in self.table.iterrows())
+
+    def add(self, family: str, arm: int, reference: int) -> None:
+        if arm != reference and self.lr_compatible(arm, reference):
+            self.pairs.append((family, arm, reference))
+
+    def batches(self) -> None:
+        t = self.table
+        for group in _groups(t, self.keys_without(*BATCH_COLUMNS, self.lr)):
+            distinct = {tuple(str(t.iloc[i][c]) for c in BATCH_COLUMNS) for i in group}
+            if len(distinct) < 2:
+                continue
+
+            def size(i):
+                row = t.iloc[i]
+                global_batch = row["batch_size"] * row["devices"]
+                return (global_batch if pd.isna(row["norm_batch"]) else row["norm_batch"], global_batch)
+
+            largest = max(size(i) for i in group)
+            for ref in (i for i in group if size(i) == largest):
+                for i in group:
+                    if size(i) != largest:
+                        self.add("batch", i, ref)
+
+    def norms(self) -> None:
+        t = self.table
+        for group in _groups(t, self.keys_without("norm", "virtual_batch", "norm_batch", self.lr)):
+            refs = [i for i in group if t.iloc[i]["norm"] == REFERENCE_NORM]
+            for ref in refs:
+                for i in group:
+                    row = t.iloc[i]
+                    if row["norm"] != REFERENCE_NORM and (pd.isna(row["norm_batch"])
+                                                          or row["norm_batch"] == t.iloc[ref]["norm_batch"]):
+                        self.add("norm", i, ref)
+
+    def other_settings(self) -> None:
+        t = self.table
+        for column in [*self.settings, "placement"]:
+            values = list(dict.fromkeys(t[column].astype(str)))
+            if len(values) < 2:
+                continue
+            first = identity.PLACEMENTS[0] if column == "placement" and identity.PLACEMENTS[0] in values \
+                else values[0]
+            for group in _groups(t, self.keys_without(column, self.lr)):
+                refs = [i for i in group if str(t.iloc[i][column]) == first]
+                for ref in refs:
+                    for i in group:
+                        if str(t.iloc[i][column]) != first:
+                            self.add(column, i, ref)
+
+
+def _context(row, family: str, settings: list[str], show_placement: bool) -> str:
+    parts = [str(row["model"])]
+    parts += [f"{k}={EMPTY if is_missing(row[k]) else row[k]}" for k in settings if k != family]
+    if show_placement and family != "placement":
+        parts.append(f"norm {row['placement']} the ReLU")
+    if family != "norm":
+        parts.append(str(row["norm"]))
+    if family != "batch":
+        parts.append(_batch_text(row) if family != "norm" else f"batch {row['batch_size']}")
+    return ", ".join(parts)
+
+
+def compare(table: pd.DataFrame) -> pd.DataFrame:
+    """Every contrast of `table` (an aggregate, with or without --select-best) with its tests, one row each
+    (COLUMNS), in the order batch, norm, other settings."""
+    plan = _Plan(table)
+    plan.batches()
+    plan.norms()
+    plan.other_settings()
+    show_placement = table["placement"].nunique() > 1
+    rows = []
+    for family, i, j in plan.pairs:
+        arm, ref = table.iloc[i], table.iloc[j]
+        a, b = seed_values(arm["seed_test_acc"]), seed_values(ref["seed_test_acc"])
+        welch = stats.welch(list(a.values()), list(b.values()))
+        shared = sorted(a) == sorted(b) and len(a) >= 2
+        paired = stats.paired([a[s] for s in sorted(a)], [b[s] for s in sorted(a)]) if shared else None
+        column = "batch" if family == "batch" else family
+        rows.append({
+            "family": family,
+            "context": _context(arm, family, plan.settings, show_placement),
+            "arm": _value_text(arm, column),
+            "reference": _value_text(ref, column),
+            "arm_mean": arm["test_acc_mean"],
+            "reference_mean": ref["test_acc_mean"],
+            "diff": welch.diff if len(a) >= 2 and len(b) >= 2 else arm["test_acc_mean"] - ref["test_acc_mean"],
+            "ci_low": welch.low, "ci_high": welch.high, "p": welch.p,
+            "paired_ci_low": paired.low if paired else math.nan,
+            "paired_ci_high": paired.high if paired else math.nan,
+            "paired_p": paired.p if paired else math.nan,
+            "n_arm": len(a), "n_reference": len(b),
+            "seeds_arm": " ".join(map(str, sorted(a))), "seeds_reference": " ".join(map(str, sorted(b))),
+            "arm_lr": arm[plan.lr], "reference_lr": ref[plan.lr],
+        })
+    out = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "verdict")])
+    out["p_holm"] = stats.holm(list(out["p"].astype(float))) if len(out) else []
+    out["verdict"] = [verdict(d, p) for d, p in zip(out["diff"], out["p_holm"])]
+    return out[COLUMNS]
+
+
+def verdict(diff: float, p_holm: float) -> str:
+    if math.isnan(p_holm) or p_holm >= ALPHA:
+        return NO_DIFFERENCE
+    return HIGHER if diff > 0 else LOWER
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+def fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return EMPTY
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_points(value: float) -> str:
+    return EMPTY if math.isnan(value) else f"{value:+.2f}"
+
+
+def fmt_ci(low: float, high: float) -> str:
+    return EMPTY if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def comparisons_title(comparisons: pd.DataFrame) -> str:
+    return (f"Comparisons: {len(comparisons)} contrasts, test accuracy (%) of an arm minus its reference's; "
+            f"95% CI and p from Welch's t-test over completed seeds, Holm-adjusted over the {len(comparisons)}")
+
+
+def comparisons_notes(comparisons: pd.DataFrame) -> list[str]:
+    return [
+        "Contrasts: within a norm every batch against the largest (batch); within a batch every norm against "
+        "BN, a batch-independent norm against BN at each of its normalization batches (norm); any other "
+        "setting that differs against its first value (its own name).",
+        f"Verdict: higher / lower where the Holm-adjusted p < {ALPHA:g}, otherwise no detectable difference. "
+        "Paired: the paired t-test's p where both arms ran the same seeds (the same data draws).",
+    ]
+
+
+def format_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
+    c = comparisons
+    return pd.DataFrame({
+        "family": c["family"],
+        "context": c["context"],
+        "arm": c["arm"],
+        "vs": c["reference"],
+        "arm acc": [f"{v:.2f}" for v in c["arm_mean"]],
+        "vs acc": [f"{v:.2f}" for v in c["reference_mean"]],
+        "difference": [fmt_points(v) for v in c["diff"]],
+        "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(c["ci_low"], c["ci_high"])],
+        "p": [fmt_p(p) for p in c["p"]],
+        "Holm p": [fmt_p(p) for p in c["p_holm"]],
+        "paired p": [fmt_p(p) for p in c["paired_p"]],
+        "seeds": [f"{a} vs {b}" for a, b in zip(c["n_arm"], c["n_reference"])],
+        "verdict": c["verdict"],
+    })
+
+
+def comparisons_markdown(comparisons: pd.DataFrame) -> str:
+    return to_markdown(format_comparisons(comparisons), comparisons_title(comparisons), comparisons_notes(comparisons))
+
+
+def comparisons_latex(comparisons: pd.DataFrame) -> str:
+    display = format_comparisons(comparisons)
+    escaped = display.map(_latex_escape)
+    lines = [r"\begin{tabular}{" + "l" * display.shape[1] + "}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in display.columns) + r" \\", r"\midrule",
+             *(" & ".join(row) + r" \\" for row in escaped.itertuples(index=False)), r"\bottomrule",
+             r"\end{tabular}"]
+    notes = "".join(f"\n\\par\\noindent{{\\footnotesize {_latex_escape(n)}}}" for n in comparisons_notes(comparisons))
+    return f"% {comparisons_title(comparisons)}\n" + "\n".join(lines) + "\n" + notes + "\n"
+
+
+def _p_clause(name: str, p: float) -> str:
+    return f"{name} < 0.001" if p < 0.001 else f"{name} = {p:.3f}"
+
+
+def finding(row) -> str:
+    """One sentence for one contrast, every number from the comparison."""
+    tests = (f"95% CI of the difference {fmt_ci(row['ci_low'], row['ci_high'])}, {_p_clause('p', row['p'])}, "
+             f"{_p_clause('Holm-adjusted p', row['p_holm'])}")
+    if not math.isnan(row["paired_p"]):
+        tests += f", {_p_clause('paired p', row['paired_p'])}"
+    means = f"{row['arm_mean']:.2f}% against {row['reference_mean']:.2f}%, {row['n_arm']} and {row['n_reference']} seeds"
+    at = "at " if row["family"] == "batch" else ""
+    if row["verdict"] == NO_DIFFERENCE:
+        return (f"{row['context']}: {row['arm']} against {row['reference']}: no detectable difference "
+                f"({fmt_points(row['diff'])} points; {means}; {tests}).")
+    return (f"{row['context']}: {at}{row['arm']}, {abs(row['diff']):.2f} points {row['verdict']} than "
+            f"{at}{row['reference']} ({means}; {tests}).")
+
+
+FAMILY_TITLES = {"batch": "Batch size within each norm", "norm": "Each norm against BN"}
+
+
+def findings_markdown(comparisons: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """findings.md: the report's claims, generated: one sentence per contrast (grouped by family, the
+    detected differences first), then the arms at chance and the runs that did not complete."""
+    lines = ["# Findings (generated from comparisons.csv and table.csv; every number is in one of them)", ""]
+    for family in dict.fromkeys(comparisons["family"]):
+        rows = comparisons[comparisons["family"] == family]
+        detected = rows[rows["verdict"] != NO_DIFFERENCE]
+        lines += [f"## {FAMILY_TITLES.get(family, f'{family} against its first value')}", "",
+                  f"{len(detected)} of {len(rows)} contrasts differ after Holm's correction over all "
+                  f"{len(comparisons)} of the report.", ""]
+        lines += [f"- {finding(r)}" for _, r in pd.concat([detected, rows[rows['verdict'] == NO_DIFFERENCE]]).iterrows()]
+        lines.append("")
+    lines += _status_findings(table, runs)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _row_text(row, lr_column: str) -> str:
+    return f"{row['model']}, {row['norm']}, {_batch_text(row)}, base lr {row[lr_column]:g}"
+
+
+def _status_findings(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    lines = ["## Arms and runs", ""]
+    chance = table[table["at_chance"]]
+    for _, row in chance.iterrows():
+        lines.append(f"- At chance ({CHANCE_ACC:g}%): {_row_text(row, _lr_column(table))}, {row['test_acc_mean']:.2f}% over "
+                     f"{row['n_completed']} seeds; it never learned.")
+    not_completed = runs[runs["status"] != summary.COMPLETED]
+    lines.append(f"- Runs: {len(runs)}, of which {len(runs) - len(not_completed)} completed"
+                 + (":" if len(not_completed) else "; none failed or diverged."))
+    for _, run in not_completed.sort_values("path").iterrows():
+        lines.append(f"  - {run['status']}: {run['path'].rsplit('/', 1)[-1]}")
+    return lines + [""]
