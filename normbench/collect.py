@@ -379,6 +379,12 @@ def describe_protocol(runs: pd.DataFrame) -> str:
     images = _one_or_all(_training_images(run) for run in runs.itertuples(index=False))
     if images:
         parts.append(f"{images} training images")
+    val = _one_or_all(f"{int(v)}" for v in runs["val_size"].dropna() if v > 0)
+    if val:  # data.val_split: held out of the full training set first, the training images drawn from the rest
+        parts.append(f"{val} validation images held out of the training set before the training draw")
+    test = _one_or_all(f"{int(v)}" for v in runs["test_size"].dropna())
+    if test:
+        parts.append(f"{test} test images")
     parts.append(_one_or_all((_lr_rule(s) for s in settings), joiner="; or ") or "lr rule not recorded")
     schedule = _one_or_all(_schedule(s) for s in settings)
     if schedule:

@@ -304,7 +304,8 @@ def finding(row) -> str:
             f"{at}{row['reference']} ({means}; {tests}).")
 
 
-FAMILY_TITLES = {"batch": "Batch size within each norm", "norm": "Each norm against BN"}
+FAMILY_TITLES = {"batch": "Batch size within each norm", "norm": "Each norm against BN",
+                 "placement": "Placement: the norm after the ReLU against before it"}
 
 
 def findings_markdown(comparisons: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFrame) -> str:
@@ -324,7 +325,31 @@ def findings_markdown(comparisons: pd.DataFrame, table: pd.DataFrame, runs: pd.D
 
 
 def _row_text(row, lr_column: str) -> str:
-    return f"{row['model']}, {row['norm']}, {_batch_text(row)}, base lr {row[lr_column]:g}"
+    placement = f", norm {row['placement']} the ReLU" if row["placement"] != identity.PLACEMENTS[0] else ""
+    return f"{row['model']}{placement}, {row['norm']}, {_batch_text(row)}, base lr {row[lr_column]:g}"
+
+
+def _pick_findings(table: pd.DataFrame) -> list[str]:
+    """The lr picks that say little: within the validation noise of the runner-up, or at the grid's edge."""
+    from normbench.table import lr_at_edge
+
+    lines = []
+    noisy = table[table["lr_within_noise"].astype(bool)]
+    lines.append(f"- lr picks within the validation noise of the runner-up (the two rates are a coin toss): "
+                 f"{len(noisy)} of {len(table)}" + (":" if len(noisy) else "."))
+    for _, row in noisy.iterrows():
+        lines.append(f"  - {_row_text(row, 'lr_selected')}: margin {row['lr_margin']:+.2f} validation points")
+    edge = table[lr_at_edge(table)]
+    lines.append(f"- lr picks at the edge of the rates tried (the best rate may lie beyond): {len(edge)} of {len(table)}"
+                 + (":" if len(edge) else "."))
+    for _, row in edge.iterrows():
+        lines.append(f"  - {_row_text(row, 'lr_selected')} (tried {row['lr_candidates'].replace(';', ', ')})")
+    heldout = table["heldout_seeds"].fillna("").astype(str)
+    if (heldout != "").any():
+        seeds = " / ".join(sorted(set(heldout[heldout != ""])))
+        lines.append(f"- Held-out test accuracy: table.md's \"test acc (held-out seeds)\" is the mean over seeds {seeds}, "
+                     "which took no part in the pick; \"test acc\" also counts the tuning seed.")
+    return lines
 
 
 def _status_findings(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
@@ -333,6 +358,12 @@ def _status_findings(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     for _, row in chance.iterrows():
         lines.append(f"- At chance ({CHANCE_ACC:g}%): {_row_text(row, _lr_column(table))}, {row['test_acc_mean']:.2f}% over "
                      f"{row['n_completed']} seeds; it never learned.")
+    if "lr_margin" in table.columns:
+        lines += _pick_findings(table)
+    minutes = runs["wall_time_s"].dropna() / 60.0
+    if len(minutes):
+        lines.append(f"- Run time: {minutes.sum() / 60.0:.1f} h over {len(minutes)} runs, {minutes.min():.1f} to "
+                     f"{minutes.max():.1f} min a run (each run's wall_time_s, on its machine and thread count).")
     not_completed = runs[runs["status"] != summary.COMPLETED]
     lines.append(f"- Runs: {len(runs)}, of which {len(runs) - len(not_completed)} completed"
                  + (":" if len(not_completed) else "; none failed or diverged."))

@@ -231,10 +231,11 @@ def _pick_margin(best: pd.Series, candidates: pd.DataFrame) -> dict:
     if others.empty:
         return {"lr_margin": float("nan"), "lr_within_noise": False}
     margin = float(best["val_acc_mean"] - others.max())
+    if is_missing(best["val_size"]) or not best["val_size"]:  # an old summary: the noise is unknown
+        return {"lr_margin": margin, "lr_within_noise": False}
     n = float(best["val_size"]) * max(len(str(best["tuning_seeds"]).split()), 1)
     p = float(best["val_acc_mean"]) / 100.0
-    standard_error = 100.0 * math.sqrt(2 * p * (1 - p) / n) if n > 0 else float("nan")
-    return {"lr_margin": margin, "lr_within_noise": bool(margin < standard_error)}
+    return {"lr_margin": margin, "lr_within_noise": bool(margin < 100.0 * math.sqrt(2 * p * (1 - p) / n))}
 
 
 def _heldout(best: pd.Series) -> dict:

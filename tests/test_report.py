@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BATCH_DEPENDENT_NORMS = {"bn", "brn"}
 FIGURE_FILES = tuple(spec.file_name for spec in FIGURES.values())
+GENERATED_TEXT = ("comparisons.md", "comparisons.csv", "comparisons.tex", "findings.md")
 
 
 def run_config(*, model, placement, norm, batch_size, lr, seed, epochs, virtual_batch, subset, variant,
@@ -110,7 +111,7 @@ def make_run(
         best_val_acc=max(val_accs) if finished and has_val else None,
         wall_time_s=30.0 * n_epochs, seconds_per_epoch=30.0, images_per_s=1500.0,
         diverged_step=1234 if status == "diverged" else None,
-        train_size=subset or 50000, test_size=10000,
+        train_size=subset or 50000, test_size=10000, val_size=5000 if has_val else None,
         config=config if with_config else None,
         **(gap_fields(norm, test_accs[-1]) if finished else {}),
     )
@@ -319,7 +320,7 @@ def test_all_seeds_failed_row_still_reported(tmp_path):
     r = row(table, norm="bn", batch_size=1)
     assert r["n_diverged"] == 1 and r["n_completed"] == 0
     assert pd.isna(r["test_acc_mean"])
-    assert set(files) == {"table.md", "table.csv", "table.tex", *FIGURE_FILES}
+    assert set(files) == {"table.md", "table.csv", "table.tex", *GENERATED_TEXT, *FIGURE_FILES}
 
 
 def test_select_best_lr_uses_validation_not_test(tmp_path, capsys):
@@ -728,7 +729,7 @@ def test_committed_tables_regenerate_exactly_from_the_committed_run_files(folder
     metrics.csv, all that is committed of a run); a reference table is the --select-best lr report."""
     select = ["--select-best", "lr"] if "lr_selected" in (folder / "table.csv").read_text().splitlines()[0] else []
     assert report.main([str(folder / "runs"), "--out", str(tmp_path), *select]) == 0
-    for name in ("table.csv", "table.md", "table.tex"):
+    for name in ("table.csv", "table.md", "table.tex", *GENERATED_TEXT):
         assert (tmp_path / name).read_text() == (folder / name).read_text(), f"{folder.name}/{name}"
 
 
