@@ -368,5 +368,5 @@ def _status_findings(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     lines.append(f"- Runs: {len(runs)}, of which {len(runs) - len(not_completed)} completed"
                  + (":" if len(not_completed) else "; none failed or diverged."))
     for _, run in not_completed.sort_values("path").iterrows():
-        lines.append(f"  - {run['status']}: {run['path'].rsplit('/', 1)[-1]}")
+        lines.append(f"  - {run['status']}: {run['run_name'] if isinstance(run.get('run_name'), str) else run['path']}")
     return lines + [""]
