@@ -220,11 +220,11 @@ class Run:
         self.state = RunState(sums=new_sums(self.device))
         self.ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
         self.recorder: RunRecorder | None = None
-        # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step).
-        self.log_every, self.stat_gap_every = int(cfg.log_every), int(cfg.stat_gap_every or 0)
+        # Plain ints for the hot loop (a DictConfig lookup costs microseconds every step); more often in a short run.
+        self.log_every, self.stat_gap_every = (tracking.curve_every(k, self.total_steps) for k in (cfg.log_every, cfg.stat_gap_every))
         self.ckpt_every = int(cfg.ckpt_every or 0)
         # A host sync is free on the CPU; the divergence check of a data-parallel run is a collective.
-        self.sync_every = 1 if self.device.type == "cpu" and self.world == 1 else self.log_every
+        self.sync_every = 1 if self.device.type == "cpu" and self.world == 1 else int(cfg.log_every)
 
     @property
     def global_batch(self) -> int:
@@ -309,10 +309,10 @@ class Run:
                 for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
                     stale.unlink()
         # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
-        self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None)
+        self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None, epochs=self.cfg.epochs)
         self.recorder.rows = list(self.state.rows)
-        self.recorder.hparams({k: v for k, v in identity.run_identity(self.cfg).items()
-                               if k not in ("run_name", "norm_batch")})
+        if step == 0:  # a resumed attempt keeps the first one's
+            self.recorder.dashboards(identity.run_identity(self.cfg))
 
     def data_dependent_init(self) -> None:
         """WN with init=data (a no-op otherwise), on a fixed random batch, before the first step."""
@@ -345,7 +345,7 @@ class Run:
                 bad_step = self.diverged_at()
                 if bad_step is not None:
                     return bad_step
-            if s.step % self.log_every == 0:
+            if self.log_every and s.step % self.log_every == 0:
                 self.log_train_window(x_axis)
             if self.ckpt_every and s.step % self.ckpt_every == 0 and s.batch_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(s.epoch_s + time.perf_counter() - t_epoch)
@@ -380,8 +380,8 @@ class Run:
         window_loss, window_steps = reduce_over_ranks(sums["window_loss"], sums["window_steps"])
         self.recorder.scalar(tracking.TRAIN_LOSS_TAG, window_loss / window_steps, x_axis)
         self.recorder.scalar(tracking.LR_TAG, self.scheduler.get_last_lr()[0], x_axis)
-        for tag, value in norms.schedule_scalars(self.model).items():
-            self.recorder.scalar(tag, value, x_axis)
+        for name, value in norms.schedule_scalars(self.model).items():
+            self.recorder.scalar(tracking.diagnostic_tag(name), value, x_axis)
         sums["window_loss"].zero_()
         sums["window_steps"].zero_()
 
@@ -431,8 +431,8 @@ class Run:
         x_axis = self.images_seen(s.step)
         self.recorder.epoch_scalars(row, x_axis)
         images_per_s = self.steps_per_epoch * self.global_batch / self.epoch_seconds
-        self.recorder.scalar(tracking.IMAGES_PER_S_TAG, images_per_s, x_axis)
-        self.recorder.scalar(tracking.SECONDS_PER_EPOCH_TAG, self.epoch_seconds, x_axis)
+        self.recorder.epoch_diagnostics({tracking.IMAGES_PER_S_TAG: images_per_s,
+                                         tracking.SECONDS_PER_EPOCH_TAG: self.epoch_seconds}, x_axis)
         self.recorder.epoch_row(row)
         s.rows = list(self.recorder.rows)
         self.log(f"{self.cfg.run_name} epoch {s.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} "
