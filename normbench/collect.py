@@ -38,6 +38,8 @@ REQUIRED_METRICS_COLUMNS = ("epoch", "test_acc", "train_loss")
 AXIS_SETTINGS = {"model.name", "model.placement", "norm.name", "norm.virtual_batch", "batch_size", "lr",
                  "devices"}
 LABELLED_PREFIXES = ("model.", "norm.")
+# Resolved per norm (memory_format=auto: NormInfo.memory_format): a column only where it varies within a norm.
+PER_NORM_SETTINGS = ("memory_format",)
 # Settings of batch-dependent norms only: a batch-independent norm's config records them as null
 # (identity.run_config), which matches every value (its run is the reference for each of them).
 BATCH_STAT_SETTINGS = set(identity.BATCH_STAT_KEYS)
@@ -196,7 +198,7 @@ def setting_columns(runs: pd.DataFrame) -> list[str]:
                  and not (key in BATCH_STAT_SETTINGS and setting.get(key) is None)}
         if len(known) <= 1:
             continue
-        if key.startswith(LABELLED_PREFIXES) and _follows_from_labels(runs, settings, key):
+        if (key.startswith(LABELLED_PREFIXES) or key in PER_NORM_SETTINGS) and _follows_from_labels(runs, settings, key):
             continue
         columns.append(key)
     # Most readable first: epochs and data sizes, then the rest alphabetically, variant last.

@@ -9,8 +9,7 @@ A contrast compares two rows of the table (two arms) that differ in one factor, 
 * any other setting that differs between rows (placement, a differing config key): every value against
   the first one in the table's order (placement: before).
 
-``memory_format`` is not a factor: it is resolved per norm (its kernels' layout), so rows that differ
-only by it are compared as one. Without ``--select-best``, two rows at different base lrs are compared
+Without ``--select-best``, two rows at different base lrs are compared
 only where one of the settings was run at one lr; with it, each row's picked lr.
 
 Tests: Welch's t over each arm's completed seeds (``normbench.stats``), and the p-value Holm-adjusted
@@ -32,7 +31,6 @@ from normbench.table import (CHANCE_ACC, EMPTY, _latex_escape, is_missing, seed_
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
 BATCH_COLUMNS = ["batch_size", "devices", "virtual_batch", "norm_batch"]
-NOT_FACTORS = ["memory_format"]  # resolved per norm: how its kernels lay out memory
 HIGHER, LOWER, NO_DIFFERENCE = "higher", "lower", "no detectable difference"
 
 COLUMNS = ["family", "context", "arm", "reference", "arm_mean", "reference_mean", "diff", "ci_low", "ci_high", "p",
@@ -91,7 +89,7 @@ class _Plan:
 
     def __init__(self, table: pd.DataFrame):
         self.table = table
-        self.settings = [c for c in table_setting_columns(table) if c not in NOT_FACTORS]
+        self.settings = table_setting_columns(table)
         self.lr = _lr_column(table)
         self.pairs: list[tuple[str, int, int]] = []
 

@@ -95,7 +95,7 @@ def test_findings_name_the_runs_that_did_not_complete_in_the_whole_grid(tmp_path
     table = report.aggregate(runs, select_best="lr")
     assert (float(table["lr_selected"].iloc[0]), int(table["n_diverged"].iloc[0])) == (0.1, 1)
     findings = comparisons.findings_markdown(comparisons.compare(table), table, runs)
-    assert "Runs: 5, of which 4 completed:" in findings and "diverged: seed2" in findings
+    assert "Runs: 5, of which 4 completed:" in findings and "diverged: resnet20/bn/bs32/lr0.4/seed2" in findings
 
 
 def test_an_lr_tie_goes_to_the_lower_rate_and_is_flagged(tmp_path):

@@ -221,7 +221,7 @@ def test_grid_table_stats_and_figures(tmp_path, capsys):
     assert "placement" not in markdown.splitlines()[2]  # all "before": column omitted
     assert "devices" not in markdown.splitlines()[2]  # all on one device: column omitted
     assert "| gn | 2 | - |" in markdown  # batch-independent norm: no norm batch
-    assert "Protocol: resnet20; 3 epochs; 50000 training images; lr = base × batch/128" in markdown
+    assert "Protocol: resnet20; 3 epochs; 50000 training images; 10000 test images; lr = base × batch/128" in markdown
     assert "tabular" in (out_dir / "table.tex").read_text()
     for figure in FIGURE_FILES:
         assert_valid_png(out_dir / figure)
@@ -661,22 +661,6 @@ def test_coinciding_lines_stay_visible_on_a_log2_batch_axis(tmp_path):
     assert list(lines["none"].get_ydata()) == list(lines["wn"].get_ydata())
     assert all(a != b for a, b in zip(lines["none"].get_xdata(), lines["wn"].get_xdata()))
     assert lines["none"].get_marker() != lines["wn"].get_marker()
-
-
-def test_titles_say_how_many_seeds_and_the_protocol(tmp_path):
-    make_run(tmp_path / "one", norm="bn", epochs=2, subset=2000, test_accs=[30.0, 50.0])
-    for seed in range(3):
-        make_run(tmp_path / "three", norm="bn", seed=seed, epochs=2, subset=2000, test_accs=[30.0, 50.0 + seed])
-
-    for name in FIGURES:
-        one, three = draw(name, [tmp_path / "one"]), draw(name, [tmp_path / "three"])
-        assert "one seed" in one.get_suptitle() and "±" not in one.get_suptitle()
-        assert "mean ± std over 3 seeds" in three.get_suptitle()
-        protocol = " ".join(three.get_suptitle().split())
-        for part in ("resnet20", "2 epochs", "2000 training images", "lr = base × batch/128", "3 seeds"):
-            assert part in protocol, (part, protocol)
-        spread = sum(len(ax.collections) for ax in three.axes)  # error bars or bands
-        assert spread > 0 and sum(len(ax.collections) for ax in one.axes) == 0
 
 
 # --------------------------------------------------------------------------------------------
