@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normbench.norms.cross_rank import combine_over_ranks, data_parallel_world, sync_batch_norm_cuda
+from normbench.norms.fused import cpu_fused
 from normbench.norms.layers import NormConfigError, float32_at_least, init_affine, is_low_precision, per_channel
 
 
@@ -514,3 +515,67 @@ class MeanOnlyBatchNorm(BatchStatNorm):
         if update:
             self._update_running_stats(stats)
         return out.reshape(x.shape).to(x.dtype)
+
+
+@cpu_fused
+def _evonorm_b0_float32(xs: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / max(batch_std, v x + instance_std(x)) * gamma + beta on the grouped map ``xs`` (G, k, C, S) in float32
+    at least, ``batch_std`` (G, 1, C, 1); fused on a CPU in bf16 (``cpu_fused``)."""
+    x = float32_at_least(xs)
+    instance_std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    per_channel_ = lambda p: p.view(1, 1, -1, 1)  # noqa: E731
+    den = torch.maximum(batch_std, torch.addcmul(instance_std, x, per_channel_(v)))
+    return torch.addcmul(per_channel_(bias), x / den, per_channel_(weight))
+
+
+class EvoNormB0(BatchStatNorm):
+    """EvoNorm-B0 (Liu et al. 2020), the batch-dependent EvoNorm, a norm-*activation* layer.
+
+    With ``apply_act`` (where BN+ReLU stood): y = x / max(sqrt(var_B + eps), v * x + sqrt(var_I + eps))
+    * gamma + beta, var_B the biased variance per channel over (N, H, W) (over each virtual batch, or
+    every rank's batch with sync), var_I the biased variance per sample and channel over (H, W); no
+    mean is subtracted. In evaluation var_B is the running variance (unbiased, moved with ``momentum``
+    as BN's). v, gamma init 1, beta init 0, all per channel; gradients flow through var_B and var_I
+    (the paper's and timm's ``EvoNorm2dB0``). Without ``apply_act`` (before a residual add, in a
+    shortcut): y = x * gamma + beta, as in the paper's code and timm.
+
+    eps: the paper's code uses 1e-5; timm defaults to 1e-3. The modes act on its running variance:
+    PreciseBN replaces it with the population variance, batch-statistics evaluation uses var_B of each
+    group, the FrozenBN tail normalizes training with the running variance. The running mean that the
+    base class keeps (and PreciseBN sets) is not used.
+    """
+
+    def __init__(self, num_features: int, *, apply_act: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                 virtual_batch: int | None = None, sync: bool = False, norm_name: str = "evonorm_b0"):
+        super().__init__(num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, sync=sync,
+                         norm_name=norm_name)
+        init_affine(self, num_features, True)
+        self.v = nn.Parameter(torch.ones(num_features)) if apply_act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:  # no statistics: the affine alone, in training and evaluation
+            return torch.addcmul(per_channel(self.bias, x.ndim), float32_at_least(x),
+                                 per_channel(self.weight, x.ndim)).to(x.dtype)
+        return super().forward(x)
+
+    def _train_forward(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
+        xs = float32_at_least(self._grouped(x, groups))  # (G, k, C, S)
+        stats = self._batch_stats(xs)
+        if update:
+            self._update_running_stats(stats)
+        batch_std = torch.sqrt(stats.var + self.eps).unsqueeze(1).unsqueeze(-1)
+        return self._normalize(x, xs, batch_std)
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            return self.forward(x)
+        xs = self._grouped(x, 1)
+        return self._normalize(x, xs, torch.sqrt(self.running_var + self.eps).view(1, 1, -1, 1))
+
+    def _normalize(self, x: torch.Tensor, xs: torch.Tensor, batch_std: torch.Tensor) -> torch.Tensor:
+        out = _evonorm_b0_float32(xs, batch_std, self.v, self.weight, self.bias, self.eps)
+        return out.reshape(x.shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", apply_act={self.v is not None}"

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from normbench.norms.batch_stat import BatchNorm, BatchRenorm, BatchStatNorm, virtual_batches
+from normbench.norms.batch_stat import BatchNorm, BatchRenorm, BatchStatNorm, EvoNormB0, virtual_batches
 from normbench.norms.layers import (
     EvoNormS0,
     FilterResponseNorm,
@@ -118,6 +118,8 @@ NORMS: dict[str, NormInfo] = {
                  "replaces BN+ReLU", EvoNormS0, memory_format="channels_last"),
         NormInfo("lrn", "local response norm (AlexNet 2012); at its constants ~ a fixed scale x*2^-0.75 here",
                  LocalResponseNorm, memory_format="channels_last"),
+        NormInfo("evonorm_b0", "norm-activation: EvoNorm-B0 (Liu et al. 2020), x/max(batch_std, v*x+instance_std)"
+                 "; running variance in eval; replaces BN+ReLU", EvoNormB0, batch_dependent=True),
     ]
 }
 
