@@ -212,7 +212,7 @@ def test_weight_reparametrizations_compute_in_float32_under_autocast(name, opts)
 
 
 @pytest.mark.parametrize("kind", INPUTS)
-@pytest.mark.parametrize("name, opts", [("bn", {}), ("brn", RELAXED)])
+@pytest.mark.parametrize("name, opts", [("bn", {}), ("brn", RELAXED), ("evonorm_b0", {})])
 def test_synchronized_statistics_under_bf16_autocast(name, opts, kind, tmp_path, monkeypatch):
     """sync=True's path (statistics through the all-reduce of every rank's count, mean and sum of squared
     deviations, and autograd) under autocast: as the unsynchronized layer in float32 on one rank's batch,
@@ -226,7 +226,8 @@ def test_synchronized_statistics_under_bf16_autocast(name, opts, kind, tmp_path,
         monkeypatch.setattr(batch_stat, "data_parallel_world", lambda: 2)
         synced, _ = _layers(name, {**opts, "sync": True}, True)
         layer32, _ = _layers(name, opts, True)
-        assert synced[0]._syncs() and not layer32[0]._syncs()
+        stat_layer = lambda slot: next(m for m in slot.modules() if isinstance(m, BatchStatNorm))  # noqa: E731
+        assert stat_layer(synced)._syncs() and not stat_layer(layer32)._syncs()
         for step in range(3):
             x16, x32 = _forward_backward_pair(synced, layer32, kind, step)
             assert _relative_error(x16.grad, x32.grad) < 5e-3

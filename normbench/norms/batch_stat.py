@@ -517,16 +517,32 @@ class MeanOnlyBatchNorm(BatchStatNorm):
         return out.reshape(x.shape).to(x.dtype)
 
 
-@cpu_fused
-def _evonorm_b0_float32(xs: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / max(batch_std, v x + instance_std(x)) * gamma + beta on the grouped map ``xs`` (G, k, C, S) in float32
-    at least, ``batch_std`` (G, 1, C, 1); fused on a CPU in bf16 (``cpu_fused``)."""
-    x = float32_at_least(xs)
+def _evonorm_b0(x: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """x / max(batch_std, v x + instance_std(x)) * gamma + beta on a float32 grouped map ``x`` (G, k, C, S),
+    ``batch_std`` (G, 1, C, 1)."""
     instance_std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + eps)
     per_channel_ = lambda p: p.view(1, 1, -1, 1)  # noqa: E731
     den = torch.maximum(batch_std, torch.addcmul(instance_std, x, per_channel_(v)))
     return torch.addcmul(per_channel_(bias), x / den, per_channel_(weight))
+
+
+@cpu_fused
+def _evonorm_b0_train(xs: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EvoNorm-B0's training forward on the grouped map ``xs`` (G, k, C, S) in float32 at least, with its batch
+    statistics (``BatchStatNorm._batch_stats``'s, unsynchronized: biased var and mean per group and channel,
+    (G, C)); statistics and normalization fused on a CPU in bf16 (``cpu_fused``)."""
+    x = float32_at_least(xs)
+    var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
+    return _evonorm_b0(x, torch.sqrt(var + eps), v, weight, bias, eps), mean.flatten(1), var.flatten(1)
+
+
+@cpu_fused
+def _evonorm_b0_apply(xs: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """EvoNorm-B0 with a given batch std (the running one in evaluation, the synchronized one)."""
+    return _evonorm_b0(float32_at_least(xs), batch_std, v, weight, bias, eps)
 
 
 class EvoNormB0(BatchStatNorm):
@@ -560,21 +576,23 @@ class EvoNormB0(BatchStatNorm):
         return super().forward(x)
 
     def _train_forward(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
-        xs = float32_at_least(self._grouped(x, groups))  # (G, k, C, S)
-        stats = self._batch_stats(xs)
+        xs = self._grouped(x, groups)  # (G, k, C, S)
+        if self._syncs():
+            stats = self._batch_stats(float32_at_least(xs))
+            out = _evonorm_b0_apply(xs, torch.sqrt(stats.var + self.eps).view(groups, 1, -1, 1), self.v,
+                                    self.weight, self.bias, self.eps)
+        else:
+            out, mean, var = _evonorm_b0_train(xs, self.v, self.weight, self.bias, self.eps)
+            stats = BatchStats(mean, var, xs.shape[1] * xs.shape[3])
         if update:
             self._update_running_stats(stats)
-        batch_std = torch.sqrt(stats.var + self.eps).unsqueeze(1).unsqueeze(-1)
-        return self._normalize(x, xs, batch_std)
+        return out.reshape(x.shape).to(x.dtype)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.v is None:
             return self.forward(x)
-        xs = self._grouped(x, 1)
-        return self._normalize(x, xs, torch.sqrt(self.running_var + self.eps).view(1, 1, -1, 1))
-
-    def _normalize(self, x: torch.Tensor, xs: torch.Tensor, batch_std: torch.Tensor) -> torch.Tensor:
-        out = _evonorm_b0_float32(xs, batch_std, self.v, self.weight, self.bias, self.eps)
+        batch_std = torch.sqrt(self.running_var + self.eps).view(1, 1, -1, 1)
+        out = _evonorm_b0_apply(self._grouped(x, 1), batch_std, self.v, self.weight, self.bias, self.eps)
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
