@@ -135,6 +135,22 @@ def check_identity_ignores(cfg) -> None:
                             "not set per run; leave it as it is")
 
 
+def check_eval_groups(cfg, batch_size: int) -> None:
+    """A batch-dependent norm's splits evaluated with mini-batch statistics (the training slice, the test set)
+    hold at least one group of its normalization batch: a smaller one would be all remainder, no image
+    evaluated, and its accuracy not a number."""
+    from normbench import norms
+
+    if not norms.is_batch_dependent(cfg.norm.name, **identity.norm_options(cfg.norm)):
+        return
+    group = cfg.norm.get("virtual_batch") or batch_size
+    for key, size in (("gap_train_images", cfg.gap_train_images), ("data.test_subset", cfg.data.get("test_subset"))):
+        if size and size < group:
+            off = " or 0 (off)" if key == "gap_train_images" else ""
+            raise UserError(f"{key}={size} is smaller than norm {cfg.norm.name}'s normalization batch ({group}), so "
+                            f"no group of it can be evaluated with mini-batch statistics; use {key} >= {group}{off}")
+
+
 def check_config(cfg) -> None:
     """Check one run's composed config (what a YAML preset may have set too)."""
     from normbench import norms  # imports torch
@@ -173,6 +189,7 @@ def check_config(cfg) -> None:
         if cfg.data.get(key) is not None:
             check_positive_int(f"data.{key}", cfg.data[key])
     check_model(cfg)
+    check_eval_groups(cfg, batch_size)
     check_choice("optim.lr_scaling", cfg.optim.lr_scaling, tuple(identity.LR_SCALING))
     if cfg.on_bad_checkpoint not in ("restart", "stop"):
         raise UserError(f"on_bad_checkpoint={cfg.on_bad_checkpoint!r}; use restart or stop")

@@ -85,6 +85,8 @@ def refused(tiny_data, tmp_path, monkeypatch, capsys):
         (["norm.precise_stats=4"], ["unknown key 'norm.precise_stats'"]),
         (["select_best=acc"], ["select_best='acc'", "lr"]),
         (["gap_every=0"], ["gap_every=0", "positive"]),
+        (["gap_train_images=5"], ["gap_train_images=5", "normalization batch (8)", ">= 8 or 0"]),
+        (["norm.virtual_batch=4", "data.test_subset=3"], ["data.test_subset=3", "normalization batch (4)"]),
     ],
 )
 def test_bad_config_values(refused, tmp_path, overrides, fragments):
