@@ -20,6 +20,7 @@ to ``RECOMPILE_LIMIT``.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from typing import Callable
 
@@ -45,6 +46,8 @@ def cpu_fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if works is False or not _low_precision_on_cpu(x) or torch.compiler.is_compiling():
             return fn(x, *args)
         if compiled is None:
+            # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on every CPU-only machine: noise here.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
             compiled = torch.compile(fn, dynamic=False)
