@@ -107,7 +107,7 @@ class EvaluationSuite:
         # Training vs inference statistics (issue 12): batch-dependent norms only; their normalization batch.
         self.batch_dependent = identity.uses_batch_stats(cfg.norm)
         self.eval_stats = cfg.eval_stats if self.batch_dependent else "ema"
-        self.stat_group = identity.run_identity(cfg)["norm_batch"] if self.batch_dependent else None
+        self.stat_group = identity.normalization_batch(cfg)
         # Each rank evaluates its shard, in the run's memory format.
         shard = {"rank": distributed.rank(), "world_size": distributed.world_size(), "memory_format": memory_format}
         size = cfg.data.eval_batch_size

@@ -292,14 +292,18 @@ def record_fingerprint(record: dict) -> str | None:
     return fingerprint(record["config"], record.get("device"), record.get("results_version") or FIRST_RECORDED_VERSION)
 
 
+def normalization_batch(cfg: DictConfig) -> int | None:
+    """The images a batch-dependent norm's statistics are taken over (None for a batch-independent norm): the
+    virtual batch, else the per-device batch, or every device's batch together with synchronized statistics."""
+    if not uses_batch_stats(cfg.norm):
+        return None
+    return effective_virtual_batch(cfg) or cfg.batch_size * (distributed.world_size() if cfg.norm.get("sync") else 1)
+
+
 def run_identity(cfg: DictConfig) -> dict:
     """The summary.json fields that say which run this is (completed, diverged or failed alike)."""
-    vb = effective_virtual_batch(cfg)
-    batch_dependent = uses_batch_stats(cfg.norm)
-    # Synchronized statistics span every device's batch; a virtual batch fixes the normalization batch.
-    norm_batch = vb or cfg.batch_size * (distributed.world_size() if cfg.norm.get("sync") else 1)
     return {"run_name": cfg.run_name, "model": cfg.model.name, "norm": cfg.norm.name, "norm_label": norm_label(cfg.norm),
             "placement": model_options(cfg.model).get("placement", PLACEMENTS[0]), "batch_size": cfg.batch_size,
-            "devices": distributed.world_size(), "virtual_batch": vb,
-            "norm_batch": norm_batch if batch_dependent else None,
+            "devices": distributed.world_size(), "virtual_batch": effective_virtual_batch(cfg),
+            "norm_batch": normalization_batch(cfg),
             "lr": cfg.lr, "lr_effective": effective_lr(cfg), "seed": cfg.seed, "epochs": cfg.epochs}

@@ -135,15 +135,13 @@ def check_identity_ignores(cfg) -> None:
                             "not set per run; leave it as it is")
 
 
-def check_eval_groups(cfg, batch_size: int) -> None:
+def check_eval_groups(cfg) -> None:
     """A batch-dependent norm's splits evaluated with mini-batch statistics (the training slice, the test set)
-    hold at least one group of its normalization batch: a smaller one would be all remainder, no image
-    evaluated, and its accuracy not a number."""
-    from normbench import norms
-
-    if not norms.is_batch_dependent(cfg.norm.name, **identity.norm_options(cfg.norm)):
+    hold at least one group of its normalization batch (the one evaluation groups by): a smaller one would be
+    all remainder, no image evaluated, and its accuracy not a number."""
+    group = identity.normalization_batch(cfg)
+    if group is None:
         return
-    group = cfg.norm.get("virtual_batch") or batch_size
     for key, size in (("gap_train_images", cfg.gap_train_images), ("data.test_subset", cfg.data.get("test_subset"))):
         if size and size < group:
             off = " or 0 (off)" if key == "gap_train_images" else ""
@@ -189,7 +187,7 @@ def check_config(cfg) -> None:
         if cfg.data.get(key) is not None:
             check_positive_int(f"data.{key}", cfg.data[key])
     check_model(cfg)
-    check_eval_groups(cfg, batch_size)
+    check_eval_groups(cfg)
     check_choice("optim.lr_scaling", cfg.optim.lr_scaling, tuple(identity.LR_SCALING))
     if cfg.on_bad_checkpoint not in ("restart", "stop"):
         raise UserError(f"on_bad_checkpoint={cfg.on_bad_checkpoint!r}; use restart or stop")
