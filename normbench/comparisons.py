@@ -25,8 +25,8 @@ import math
 import pandas as pd
 
 from normbench import identity, stats, summary
-from normbench.table import (CHANCE_ACC, EMPTY, _latex_escape, is_missing, seed_values, table_setting_columns,
-                             to_markdown)
+from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, seed_values, table_setting_columns,
+                             to_latex, to_markdown)
 
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
@@ -42,20 +42,20 @@ def _lr_column(table: pd.DataFrame) -> str:
     return "lr_selected" if "lr_selected" in table.columns else "lr"
 
 
+def _own_norm_batch(row) -> bool:
+    """Whether the row normalizes over a batch other than its (global) SGD batch (ghost / per-device batches)."""
+    return not pd.isna(row["norm_batch"]) and row["norm_batch"] != row["batch_size"] * row["devices"]
+
+
 def _batch_text(row) -> str:
     text = f"batch {row['batch_size']}"
     if row["devices"] > 1:
         text += f" x {row['devices']} devices"
-    if not pd.isna(row["norm_batch"]) and row["norm_batch"] != row["batch_size"] * row["devices"]:
-        text += f", norm batch {row['norm_batch']}"
-    return text
+    return text + (f", norm batch {row['norm_batch']}" if _own_norm_batch(row) else "")
 
 
 def _norm_text(row) -> str:
-    """The norm, with its normalization batch where that is not the batch (ghost / per-device batches)."""
-    if not pd.isna(row["norm_batch"]) and row["norm_batch"] != row["batch_size"] * row["devices"]:
-        return f"{row['norm']} (norm batch {row['norm_batch']})"
-    return str(row["norm"])
+    return f"{row['norm']} (norm batch {row['norm_batch']})" if _own_norm_batch(row) else str(row["norm"])
 
 
 def _value_text(row, column: str) -> str:
@@ -187,12 +187,11 @@ def compare(table: pd.DataFrame) -> pd.DataFrame:
         welch = stats.welch(list(a.values()), list(b.values()))
         shared = sorted(a) == sorted(b) and len(a) >= 2
         paired = stats.paired([a[s] for s in sorted(a)], [b[s] for s in sorted(a)]) if shared else None
-        column = "batch" if family == "batch" else family
         rows.append({
             "family": family,
             "context": _context(arm, family, plan.settings, show_placement),
-            "arm": _value_text(arm, column),
-            "reference": _value_text(ref, column),
+            "arm": _value_text(arm, family),
+            "reference": _value_text(ref, family),
             "arm_mean": arm["test_acc_mean"],
             "reference_mean": ref["test_acc_mean"],
             "diff": welch.diff if len(a) >= 2 and len(b) >= 2 else arm["test_acc_mean"] - ref["test_acc_mean"],
@@ -273,18 +272,12 @@ def comparisons_markdown(comparisons: pd.DataFrame) -> str:
 
 
 def comparisons_latex(comparisons: pd.DataFrame) -> str:
-    display = format_comparisons(comparisons)
-    escaped = display.map(_latex_escape)
-    lines = [r"\begin{tabular}{" + "l" * display.shape[1] + "}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in display.columns) + r" \\", r"\midrule",
-             *(" & ".join(row) + r" \\" for row in escaped.itertuples(index=False)), r"\bottomrule",
-             r"\end{tabular}"]
-    notes = "".join(f"\n\\par\\noindent{{\\footnotesize {_latex_escape(n)}}}" for n in comparisons_notes(comparisons))
-    return f"% {comparisons_title(comparisons)}\n" + "\n".join(lines) + "\n" + notes + "\n"
+    return to_latex(format_comparisons(comparisons), comparisons_title(comparisons), comparisons_notes(comparisons))
 
 
 def _p_clause(name: str, p: float) -> str:
-    return f"{name} < 0.001" if p < 0.001 else f"{name} = {p:.3f}"
+    text = fmt_p(p)
+    return f"{name} {text}" if text.startswith("<") else f"{name} = {text}"
 
 
 def finding(row) -> str:
@@ -329,8 +322,6 @@ def _row_text(row, lr_column: str) -> str:
 
 def _pick_findings(table: pd.DataFrame) -> list[str]:
     """The lr picks that say little: within the validation noise of the runner-up, or at the grid's edge."""
-    from normbench.table import lr_at_edge
-
     lines = []
     noisy = table[table["lr_within_noise"].astype(bool)]
     lines.append(f"- lr picks within the validation noise of the runner-up (the two rates are a coin toss): "
