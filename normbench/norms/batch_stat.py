@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from normbench.norms.cross_rank import combine_over_ranks, data_parallel_world, sync_batch_norm_cuda
 from normbench.norms.fused import cpu_fused
-from normbench.norms.layers import NormConfigError, float32_at_least, init_affine, is_low_precision, per_channel
+from normbench.norms.layers import (NormConfigError, affine_only, float32_at_least, init_affine, is_low_precision,
+                                   per_channel)
 
 
 def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> int:
@@ -571,14 +572,14 @@ class EvoNormB0(BatchStatNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.v is None:  # no statistics: the affine alone, in training and evaluation
-            return torch.addcmul(per_channel(self.bias, x.ndim), float32_at_least(x),
-                                 per_channel(self.weight, x.ndim)).to(x.dtype)
+            return affine_only(x, self.weight, self.bias)
         return super().forward(x)
 
     def _train_forward(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
         xs = self._grouped(x, groups)  # (G, k, C, S)
         if self._syncs():
-            stats = self._batch_stats(float32_at_least(xs))
+            xs = float32_at_least(xs)
+            stats = self._batch_stats(xs)
             out = _evonorm_b0_apply(xs, torch.sqrt(stats.var + self.eps).view(groups, 1, -1, 1), self.v,
                                     self.weight, self.bias, self.eps)
         else:
@@ -589,8 +590,6 @@ class EvoNormB0(BatchStatNorm):
         return out.reshape(x.shape).to(x.dtype)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.v is None:
-            return self.forward(x)
         batch_std = torch.sqrt(self.running_var + self.eps).view(1, 1, -1, 1)
         out = _evonorm_b0_apply(self._grouped(x, 1), batch_std, self.v, self.weight, self.bias, self.eps)
         return out.reshape(x.shape).to(x.dtype)

@@ -70,6 +70,12 @@ def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def affine_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gamma * x + beta per channel in float32 at least, in ``x``'s dtype: a norm-activation layer's slot
+    without its activation (EvoNorm-S0 and -B0 there, as in the paper's code and timm)."""
+    return torch.addcmul(per_channel(bias, x.ndim), float32_at_least(x), per_channel(weight, x.ndim)).to(x.dtype)
+
+
 def init_affine(module: nn.Module, num_channels: int, affine: bool) -> None:
     """Per-channel gamma (ones) and beta (zeros) as module.weight / module.bias, or None."""
     if affine:
@@ -201,17 +207,17 @@ class EvoNormS0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _spatial_dims(x, "EvoNormS0")
-        if self.v is not None and is_low_precision(x):
+        if self.v is None:
+            return affine_only(x, self.weight, self.bias)
+        if is_low_precision(x):
             return _evonorm_s0_float32(x, self.v, self.weight, self.bias, self.groups, self.eps)
-        weight, dtype = per_channel(self.weight, x.ndim), x.dtype
-        if self.v is not None:
-            rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G), float32 at least
-            # gamma / group_std per sample and channel first: the feature map is touched by the
-            # gate and one multiply-add only.
-            weight = weight * _groups_to_channels(rstd, x.shape[1], x.ndim)
-            x = float32_at_least(x)
-            x = x * torch.sigmoid(per_channel(self.v, x.ndim) * x)
-        return torch.addcmul(per_channel(self.bias, x.ndim), float32_at_least(x), weight).to(dtype)
+        rstd = _GroupRstd.apply(x, self.groups, self.eps)  # (N, G), float32 at least
+        # gamma / group_std per sample and channel first: the feature map is touched by the gate and one
+        # multiply-add only.
+        weight = per_channel(self.weight, x.ndim) * _groups_to_channels(rstd, x.shape[1], x.ndim)
+        x32 = float32_at_least(x)
+        gated = x32 * torch.sigmoid(per_channel(self.v, x.ndim) * x32)
+        return torch.addcmul(per_channel(self.bias, x.ndim), gated, weight).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
