@@ -36,9 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normbench.norms.cross_rank import combine_over_ranks, data_parallel_world, sync_batch_norm_cuda
-from normbench.norms.fused import cpu_fused
-from normbench.norms.layers import (NormConfigError, affine_only, float32_at_least, init_affine, is_low_precision,
-                                   per_channel)
+from normbench.norms.fused import cpu_fused, is_low_precision
+from normbench.norms.layers import NormConfigError, affine_only, float32_at_least, init_affine, per_channel
 
 
 def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> int:

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the hand-written layers' low-precision path (FRN+TLU, EvoNorm-S0's gate, LRN).
+"""Fused CPU kernels for the hand-written layers' low-precision path (FRN+TLU, EvoNorm-S0 and -B0, LRN).
 
 Under bf16 autocast these layers compute in float32 and round once (``layers``). Eagerly, every
 elementwise operation of their formula is one more pass over the feature map, and on this project's
@@ -12,7 +12,7 @@ formula, up to the order of float32 roundings).
 
 Compilation costs a few seconds per layer shape at a run's first steps (Inductor's on-disk cache makes
 later processes faster) and needs a C++ compiler; where it fails, the function runs eagerly from then
-on, after a one-line warning. Shapes are static (measured: dynamic shapes made EvoNorm-S0's gate 2.5x
+on, after a one-line warning. Shapes are static (measured: dynamic shapes made EvoNorm-S0 2.5x
 slower), so every layer shape, batch size and constant is its own graph: the recompile limit is raised
 to ``RECOMPILE_LIMIT``.
 """
@@ -31,8 +31,13 @@ import torch
 RECOMPILE_LIMIT = 256
 
 
+def is_low_precision(t: torch.Tensor) -> bool:
+    """A float dtype below float32 (bf16, fp16): what autocast feeds a norm."""
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
 def _low_precision_on_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    return x.device.type == "cpu" and is_low_precision(x)
 
 
 def cpu_fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

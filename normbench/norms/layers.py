@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from normbench.errors import UserError
-from normbench.norms.fused import cpu_fused
+from normbench.norms.fused import cpu_fused, is_low_precision
 
 
 class NormConfigError(UserError, ValueError):
@@ -58,11 +58,6 @@ def float32_at_least(t: torch.Tensor) -> torch.Tensor:
     its normalization in (a bf16 map under autocast converted once, explicitly, which on a CPU is also
     5-10x faster than the mixed-dtype elementwise ops that type promotion would run)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def is_low_precision(t: torch.Tensor) -> bool:
-    """A float dtype below float32 (bf16, fp16): what autocast feeds a norm."""
-    return t.dtype in (torch.bfloat16, torch.float16)
 
 
 def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
