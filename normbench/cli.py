@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -22,7 +23,7 @@ from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench import atomic, distributed, identity, summary, validate
+from normbench import atomic, budget, distributed, identity, summary, validate
 from normbench.errors import UserError
 
 # Before Hydra resolves a job's folder (its name carries the device count): a submitit task imports
@@ -201,8 +202,13 @@ def run_job(cfg: DictConfig) -> dict | None:
 def _finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
     """The summary of this very run if it is finished already (then it is skipped), else None.
     The finished run's fingerprint is recomputed from what its summary records, so a run finished
-    before an option existed is still this run when the option is at its default."""
+    before an option existed is still this run when the option is at its default; one finished before
+    run names held the training length is found in its folder of then (``identity.legacy_run_name``)."""
     previous = summary.read(run_dir)
+    if not previous:
+        legacy = _finished_in_legacy_folder(cfg, run_dir)
+        if legacy:
+            return legacy
     if not previous or previous["status"] not in summary.FINISHED:
         return None
     if identity.record_fingerprint(previous) == identity.fingerprint(identity.run_config(cfg)):
@@ -210,6 +216,23 @@ def _finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
         return previous
     print(f"warning: {run_dir} holds a finished run of a different configuration; training it again")
     return None
+
+
+def _finished_in_legacy_folder(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """This run, finished in the folder it had before run names held the training length, if it is there;
+    then the folder made for it now, which holds only what Hydra and the claim put in it, goes."""
+    legacy_dir = Path(cfg.out_dir) / identity.legacy_run_name(cfg)
+    if legacy_dir == run_dir or budget.unit(cfg) != "epochs":
+        return None
+    previous = summary.read(legacy_dir)
+    if not previous or previous["status"] not in summary.FINISHED:
+        return None
+    if identity.record_fingerprint(previous) != identity.fingerprint(identity.run_config(cfg)):
+        return None
+    print(f"skip {cfg.run_name}: already {previous['status']} in {legacy_dir} (test acc {previous['test_acc']})")
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", ".lock"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return previous
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, reason: str, first_since: float | None = None) -> dict:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from normbench import identity, summary
+from normbench import budget, identity, summary
 
 PROG = "normbench-report"
 
@@ -321,10 +321,21 @@ def load_curves(runs: pd.DataFrame, key_columns: list[str]) -> pd.DataFrame:
 
 def epochs_to_target(curves: pd.DataFrame, target_acc: float) -> pd.Series:
     """Per run path: the first epoch whose test_acc >= target_acc (NaN if never)."""
-    reached = curves[curves["test_acc"] >= target_acc]
-    first_epoch = reached.groupby("path")["epoch"].min()
+    return to_target(curves, target_acc)["epoch"]
+
+
+def to_target(curves: pd.DataFrame, target_acc: float) -> pd.DataFrame:
+    """Per run path, at its first evaluation with test_acc >= target_acc (NaN if never): the epoch, the
+    optimizer steps taken (``step``; NaN in a metrics.csv without it) and the training seconds so far (the sum
+    of its epochs' ``seconds``, evaluation not counted; NaN without them)."""
+    curves = curves.sort_values(["path", "epoch"])
+    seconds = curves["seconds"] if "seconds" in curves.columns else pd.Series(float("nan"), index=curves.index)
+    steps = curves["step"] if "step" in curves.columns else pd.Series(float("nan"), index=curves.index)
+    frame = pd.DataFrame({"path": curves["path"], "epoch": curves["epoch"].astype(float), "step": steps.astype(float),
+                          "seconds": seconds.astype(float).groupby(curves["path"]).cumsum()})  # NaN stays NaN
+    first = frame[curves["test_acc"] >= target_acc].groupby("path").first()
     all_paths = pd.Index(curves["path"].unique(), name="path")
-    return first_epoch.reindex(all_paths).astype(float)
+    return first.reindex(all_paths)[["epoch", "step", "seconds"]].astype(float)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +389,9 @@ def describe_protocol(runs: pd.DataFrame) -> str:
     epochs = _one_or_all(runs["epochs"], lambda e: f"{int(e)}")
     if epochs:
         parts.append(f"{epochs} epoch{'' if epochs == '1' else 's'}")
+    budgets = _one_or_all(budget.describe(b) for b in runs["budget"] if isinstance(b, str) and not b.startswith("ep"))
+    if budgets:  # steps or images budgets (budget.unit)
+        parts.append(budgets)
     images = _one_or_all(_training_images(run) for run in runs.itertuples(index=False))
     if images:
         parts.append(f"{images} training images")

@@ -310,8 +310,9 @@ class Batches:
         flips = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool) if self.flip else torch.zeros(n, dtype=torch.bool)
         return [t.to(self.device) for t in (perm, dx, dy, flips)]
 
-    def epoch(self, epoch: int = 0, start: int = 0):
-        """Yield (x, y) batches of one epoch, beginning at batch index `start` (for exact resume)."""
+    def epoch(self, epoch: int = 0, start: int = 0, stop: int | None = None):
+        """Yield (x, y) batches of one epoch, beginning at batch index `start` (for exact resume) and, for
+        training, ending before batch index `stop` (a training budget that ends inside the epoch)."""
         if not self.train:
             for i in range(len(self)):
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
@@ -321,7 +322,7 @@ class Batches:
         ar = torch.arange(IMAGE_SIZE, device=self.device)
         b = torch.arange(self.batch_size, device=self.device)[:, None, None, None]
         c = torch.arange(3, device=self.device)[None, :, None, None]
-        for i in range(start, len(self)):
+        for i in range(start, len(self) if stop is None else min(stop, len(self))):
             first = (i * self.world_size + self.rank) * self.batch_size  # this rank's slice of global batch i
             idx = perm[first:first + self.batch_size]
             x = self.split.x[idx]

@@ -100,10 +100,10 @@ class EvaluationSuite:
     """The end-of-epoch evaluation of one run's model: its batches (test, validation, their groups
     for mini-batch statistics, the training slice), built once, and PreciseBN's; `evaluate` measures."""
 
-    def __init__(self, cfg: DictConfig, ds: data.Dataset, model: torch.nn.Module, autocast, device, *,
+    def __init__(self, cfg: DictConfig, ds: data.Dataset, model: torch.nn.Module, autocast, device, *, epochs: int,
                  memory_format: str, precise_source: data.Batches):
         self.model, self.autocast = model, autocast
-        self.epochs, self.gap_every = int(cfg.epochs), int(cfg.gap_every)
+        self.epochs, self.gap_every = epochs, int(cfg.gap_every)  # epochs: the run's passes (its budget's)
         # Training vs inference statistics (issue 12): batch-dependent norms only; their normalization batch.
         self.batch_dependent = identity.uses_batch_stats(cfg.norm)
         self.eval_stats = cfg.eval_stats if self.batch_dependent else "ema"

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from normbench import length
 from normbench.collect import BATCH_STAT_SETTINGS
 from normbench.table import (
     EMPTY,
@@ -776,11 +777,93 @@ def plot_train_eval_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str
     return fig
 
 
+LENGTH_XLABEL = "training images (log2 scale)"
+
+
+def _length_axis(ax, images) -> None:
+    """A log2 axis of training images, ticked at the lengths run."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ticks = sorted({float(v) for v in images})
+    ax.set_xticks(ticks, [f"{v / 1000:g}k" if v >= 1000 else f"{v:g}" for v in ticks], rotation=30)
+    if ticks:
+        ax.set_xlim(min(ticks) / 1.3, max(ticks) * 1.3)
+
+
+def _length_panels(rows: pd.DataFrame, context: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    panels = []
+    for key, panel in rows.groupby(context, dropna=False, sort=False):
+        values = dict(zip(context, key if isinstance(key, tuple) else (key,)))
+        panels.append((" ".join(f"{k}={format_setting(v)}" if k != "model" else str(v) for k, v in values.items()
+                                if not is_missing(v)), panel))
+    return panels
+
+
+def plot_length_error(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
+    """Test error vs training length (log2 training images), one line per arm, 95% CI bars over its seeds, one
+    panel per model and other differing setting; None for a report of one length."""
+    rows = length.length_rows(table)
+    if rows.empty:
+        return None
+    rows = rows[rows["n_completed"] > 0].copy()
+    rows["error"] = 100.0 - rows["test_acc_mean"]
+    context = [k for k in length.arm_keys(table) if k not in ("norm", "batch_size", "devices", "virtual_batch")
+               and rows[k].nunique(dropna=False) > 1 or k == "model"]
+    panels = _length_panels(rows, context)
+    looks = norm_styles(rows["norm"])
+    fig, axes = _new_figure([1] * len(panels))
+    for ax, (title, panel) in zip(axes, panels):
+        arms = list(dict.fromkeys(panel["arm"]))
+        for index, arm in enumerate(arms):
+            line = panel[panel["arm"] == arm].sort_values("train_images")
+            norm = line["norm"].iloc[0]
+            same_norm = [a for a in arms if panel.loc[panel["arm"] == a, "norm"].iloc[0] == norm]
+            color = _draw_line(ax, line["train_images"], line["error"], norm=norm, label=arm,
+                               linestyle=linestyle(same_norm.index(arm)), style=looks[norm])
+            half = line["test_acc_ci95"]
+            _bars(ax, line["train_images"], line["error"], line["error"] - half, line["error"] + half, color)
+        _length_axis(ax, panel["train_images"])
+        _style_axes(ax, title, LENGTH_XLABEL, "test error (%)")
+        _length_axis(ax, panel["train_images"])
+    seeds = sorted({int(n) for n in rows["n_completed"]})
+    seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    _finish(fig, axes, f"Test error vs training length (mean over {seeds_text} seeds; bars: 95% CI of the mean)",
+            protocol)
+    return fig
+
+
+def plot_length_gap(table: pd.DataFrame, curves: pd.DataFrame, protocol: str, pair=length.DEFAULT_GAP):
+    """The test-accuracy gap of norm pair[0] over pair[1] vs training length (log2 training images), one line per
+    arm of pair[0] (its normalization batches), Welch 95% CI bars; None without the pair at two lengths."""
+    gaps = length.gap_rows(table, pair)
+    if gaps.empty or gaps["train_images"].nunique() < 2:
+        return None
+    context = [k for k in ("model",) if k in gaps.columns]
+    panels = _length_panels(gaps, context)
+    look = norm_styles([pair[0]])[pair[0]]
+    fig, axes = _new_figure([1] * len(panels))
+    for ax, (title, panel) in zip(axes, panels):
+        ax.axhline(0.0, color="0.5", linewidth=1)
+        for index, ((arm, reference), line) in enumerate(panel.groupby(["arm", "reference"], sort=False)):
+            line = line.sort_values("train_images")
+            _draw_line(ax, line["train_images"], line["diff"], norm=pair[0], label=f"{arm} − {reference}",
+                       linestyle=linestyle(index), style=look)
+            _bars(ax, line["train_images"], line["diff"], line["ci_low"], line["ci_high"], look.color)
+        _style_axes(ax, title, LENGTH_XLABEL, f"test acc, {pair[0]} − {pair[1]} (points)")
+        _length_axis(ax, panel["train_images"])
+    _finish(fig, axes, f"Test-accuracy gap of {pair[0]} over {pair[1]} vs training length (bars: Welch 95% CI)",
+            protocol)
+    return fig
+
+
 @dataclass(frozen=True)
 class FigureSpec:
     file_name: str
-    draw: Callable  # (table, curves, protocol) -> matplotlib Figure
+    draw: Callable  # (table, curves, protocol) -> matplotlib Figure, or None where the runs lack its axis
     shows: str
+    always: bool = True  # drawn for every report (False: only where the runs vary its axis, the length)
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -796,6 +879,14 @@ FIGURES: dict[str, FigureSpec] = {
         "curves_test_acc.png", partial(plot_curves, metric="test_acc", ylabel="test accuracy (%)"),
         "test accuracy per epoch, one line per norm and normalization batch, one panel per SGD batch, "
         "experiment and placement"),
+    "length_error": FigureSpec(
+        "length_error.png", plot_length_error,
+        "test error vs training length (log2 training images), one line per arm, 95% CI bars; only where the "
+        "runs differ in length", always=False),
+    "length_gap": FigureSpec(
+        "length_gap.png", plot_length_gap,
+        "the test-accuracy gap of BN over GN vs training length, Welch 95% CI bars; only where both ran at "
+        "several lengths", always=False),
     "curves_train_loss": FigureSpec(
         "curves_train_loss.png", partial(plot_curves, metric="train_loss", ylabel="train loss"),
         "train loss per epoch, one line per norm and normalization batch, one panel per SGD batch, "

@@ -25,7 +25,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench import distributed
+from normbench import budget, distributed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -135,8 +135,9 @@ def compute_label(amp="auto", memory_format="auto", device_name="auto", norm_nam
 
 
 def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=None, eval_stats="ema",
-             freeze_stats_epochs=0, amp="auto", memory_format="auto", device_name="auto") -> str:
-    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/seed0.
+             freeze_stats_epochs=0, amp="auto", memory_format="auto", device_name="auto", budget_unit=None,
+             budget_length=None, epochs=None) -> str:
+    """A readable run directory from the run's identity, e.g. resnet20/bn/bs2/lr0.1/ep30/seed0.
 
     Model options that differ from their defaults join the model's part (cnn-placementafter);
     norm options that differ from their defaults join the norm's part (gn-groups16); the
@@ -145,7 +146,9 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     (free text) separates runs that differ in anything else. A data-parallel run's batch part
     also names its devices (bs64x2dev: 64 per device on 2). A batch-dependent norm's eval_stats other
     than ema and its FrozenBN tail join the batch part too (bs128-vb8-evalprecise-freeze2), and so
-    does how it computes where that is not fp32 with contiguous tensors (bs128-bf16-cl)."""
+    does how it computes where that is not fp32 with contiguous tensors (bs128-bf16-cl). The training
+    length follows the lr (ep4, steps3000, img384000: ``budget.label``), so a sweep over lengths keeps one
+    folder per length; without ``epochs`` (the names of runs before the length was in them) it is left out."""
     vb = norm.get("virtual_batch")
     batch_dependent = uses_batch_stats(norm)
     vb_part = f"-vb{vb}" if vb is not None and batch_dependent else ""
@@ -156,8 +159,16 @@ def run_name(model: DictConfig, norm: DictConfig, batch_size, lr, seed, variant=
     vb_part += compute_label(amp, memory_format, device_name, norm.name)
     devices_part = f"x{distributed.world_size()}dev" if distributed.world_size() > 1 else ""  # batch_size is per device
     variant_part = f"/{variant}" if variant else ""
-    return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{variant_part}"
-            f"/seed{seed}")
+    length_part = f"/{budget.label(budget_unit, budget_length, epochs)}" if epochs is not None else ""
+    return (f"{model_label(model)}/{norm_label(norm)}/bs{batch_size}{devices_part}{vb_part}/lr{lr:g}{length_part}"
+            f"{variant_part}/seed{seed}")
+
+
+def legacy_run_name(cfg: DictConfig) -> str:
+    """The folder this run had before run names held the training length (results of those versions are
+    found there: ``cli`` skips a finished one). Only epochs budgets existed then."""
+    return run_name(cfg.model, cfg.norm, cfg.batch_size, cfg.lr, cfg.seed, cfg.variant, cfg.eval_stats,
+                    cfg.freeze_stats_epochs, cfg.amp, cfg.memory_format, cfg.device)
 
 
 def run_config(cfg: DictConfig) -> dict:
@@ -173,6 +184,8 @@ def run_config(cfg: DictConfig) -> dict:
         for key in BATCH_STAT_KEYS:
             if key in config:
                 config[key] = None
+    if budget.unit(cfg) != "epochs":  # a steps or images budget: epochs is not used
+        config["epochs"] = None
     config["devices"] = distributed.world_size()
     kind = device.device_type(cfg.device)
     config["amp"] = device.uses_bf16(cfg.amp, kind)
@@ -306,4 +319,6 @@ def run_identity(cfg: DictConfig) -> dict:
             "placement": model_options(cfg.model).get("placement", PLACEMENTS[0]), "batch_size": cfg.batch_size,
             "devices": distributed.world_size(), "virtual_batch": effective_virtual_batch(cfg),
             "norm_batch": normalization_batch(cfg),
-            "lr": cfg.lr, "lr_effective": effective_lr(cfg), "seed": cfg.seed, "epochs": cfg.epochs}
+            "lr": cfg.lr, "lr_effective": effective_lr(cfg), "seed": cfg.seed,
+            "epochs": cfg.epochs if budget.unit(cfg) == "epochs" else None, "budget": budget.label(
+                budget.unit(cfg), cfg.get("budget", {}).get("length"), cfg.epochs)}

@@ -19,12 +19,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
-from normbench import atomic, comparisons, identity
+from normbench import atomic, comparisons, identity, length
 from normbench.collect import (  # noqa: F401  (the library interface of the report)
     PROG,
     CorruptRun,
@@ -100,10 +101,11 @@ def write_report(
     out_dir: str | os.PathLike | None = None,
     target_acc: float = DEFAULT_TARGET_ACC,
     select_best: str | None = None,
+    gap: tuple[str, str] = length.DEFAULT_GAP,
 ) -> dict[str, Path]:
     """Collect the runs under `paths`, write tables and figures to `out_dir` (default
-    `<first path>/report`). Returns {file name: path}. Raises UserError if there is nothing
-    to report."""
+    `<first path>/report`). Returns {file name: path}. `gap`: the two norms whose test-accuracy gap a sweep
+    over training lengths draws against the length. Raises UserError if there is nothing to report."""
     paths = list(paths)
     report = load_report(paths, target_acc, select_best)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(paths)
@@ -121,12 +123,20 @@ def write_report(
         "comparisons.csv": contrasts.to_csv(index=False),
         "comparisons.tex": comparisons.comparisons_latex(contrasts),
         "findings.md": comparisons.findings_markdown(contrasts, report.table, report.runs),
+        # A sweep over training lengths only (None otherwise).
+        "length.md": length.length_markdown(report.table, target_acc, report.protocol, gap),
+        "length.csv": length.length_csv(report.table),
     }
     for name, text in texts.items():
+        if text is None:
+            continue
         written[name] = out_dir / name
         atomic.write_text(written[name], text)
-    for spec in FIGURES.values():
-        figure = spec.draw(report.table, report.curves, report.protocol)
+    for name, spec in FIGURES.items():
+        draw = partial(spec.draw, pair=gap) if name == "length_gap" else spec.draw
+        figure = draw(report.table, report.curves, report.protocol)
+        if figure is None:  # a figure of an axis the runs do not vary (the length)
+            continue
         written[spec.file_name] = out_dir / spec.file_name
         with atomic.atomic_path(written[spec.file_name]) as tmp:
             figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -154,7 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "the config's target_acc)")
     parser.add_argument("--select-best", choices=identity.SELECTABLE_KEYS, default=None,
                         help="keep, per setting, the base lr with the best mean validation accuracy")
+    parser.add_argument("--gap", type=_norm_pair, default=length.DEFAULT_GAP, metavar="A,B",
+                        help="a sweep over training lengths: the norms whose test-accuracy gap (A minus B) is drawn "
+                             f"against the length (default {','.join(length.DEFAULT_GAP)})")
     return parser
+
+
+def _norm_pair(text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"--gap takes two norm labels, A,B (e.g. bn,gn), not {text!r}")
+    return parts[0], parts[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage or help
         return e.code if isinstance(e.code, int) else 2
     try:
-        written = write_report(args.paths, args.out, args.target_acc, args.select_best)
+        written = write_report(args.paths, args.out, args.target_acc, args.select_best, args.gap)
     except UserError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return UserError.exit_code

@@ -12,7 +12,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from normbench import atomic, identity
+from normbench import atomic, budget, identity
 
 SUMMARY_NAME = "summary.json"
 
@@ -24,7 +24,7 @@ FINISHED = (COMPLETED, DIVERGED)
 
 # Which run this is (identity.run_identity); the report keys its rows on these.
 IDENTITY_FIELDS = ("run_name", "model", "norm", "norm_label", "placement", "batch_size", "devices", "virtual_batch",
-                   "norm_batch", "lr", "lr_effective", "seed", "epochs")
+                   "norm_batch", "lr", "lr_effective", "seed", "epochs", "budget")
 # Training vs inference statistics at the last evaluation (accuracy, %): (1) the training slice with
 # mini-batch statistics, (2) the test set with mini-batch statistics, (3) the test set with population
 # statistics (the run's eval_stats; batch: the running estimates), and the test set with the running
@@ -118,4 +118,6 @@ def load(run_dir: str | Path) -> dict:
     record["results_version"] = record["results_version"] or identity.FIRST_RECORDED_VERSION
     record["devices"] = record["devices"] or 1
     record["norm_label"] = record["norm_label"] or record["norm"]
+    if record["budget"] is None and isinstance(record["epochs"], int):
+        record["budget"] = budget.label("epochs", None, record["epochs"])
     return record

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from normbench import identity, summary
-from normbench.collect import UNKNOWN, epochs_to_target, keyed_runs, load_curves, setting_columns, warn
+from normbench.collect import UNKNOWN, keyed_runs, load_curves, setting_columns, to_target, warn
 from normbench.compose import config_default
 from normbench.errors import UserError
 
@@ -83,6 +83,12 @@ def _at_chance(completed: pd.DataFrame) -> bool:
     return bool(((best - CHANCE_ACC).abs() <= CHANCE_MARGIN).all())
 
 
+def _mean_and_ci(values: pd.Series) -> dict[str, float]:
+    n = len(values)
+    std = float(values.std(ddof=1)) if n >= 2 else float("nan")
+    return {"mean": float(values.mean()) if n else float("nan"), "ci95": ci95_half_width(std, n)}
+
+
 def _summarize_row(runs: pd.DataFrame) -> pd.Series:
     """Statistics of one table row (one setting and lr) over its seeds."""
     completed = runs[runs["status"] == summary.COMPLETED]
@@ -110,6 +116,12 @@ def _summarize_row(runs: pd.DataFrame) -> pd.Series:
         "val_size": completed["val_size"].max(),
         "epochs_to_target_mean": reached.mean() if len(reached) else float("nan"),
         "epochs_to_target_n": len(reached),
+        # The length axis (normbench.length): images each completed seed trained on, and the images and training
+        # seconds to the target accuracy over the seeds that reached it.
+        "budget": runs["budget"].dropna().iloc[0] if runs["budget"].notna().any() else pd.NA,  # ep4, steps3000
+        "train_images": completed["train_images"].max() if n else float("nan"),
+        **{f"{key}_{stat}": value for key in ("images_to_target", "seconds_to_target")
+           for stat, value in _mean_and_ci(completed[key].dropna()).items()},
         "seconds_per_epoch_mean": completed["seconds_per_epoch"].mean(),
         "images_per_s_mean": completed["images_per_s"].mean(),
         **{f"{key}_mean": completed[key].mean() for key in summary.GAP_FIELDS},
@@ -142,7 +154,12 @@ def aggregate(
     if curves is None:
         curves = load_curves(runs, keys)
     keyed = keyed_runs(runs)
-    keyed["epochs_to_target"] = keyed["path"].map(epochs_to_target(curves, target_acc))
+    reached = to_target(curves, target_acc)
+    keyed["epochs_to_target"] = keyed["path"].map(reached["epoch"])
+    # Training length to the target in images (steps x global batch) and training seconds: the length axis.
+    keyed["images_to_target"] = keyed["path"].map(reached["step"]) * keyed["batch_size"] * keyed["devices"]
+    keyed["seconds_to_target"] = keyed["path"].map(reached["seconds"])
+    keyed["train_images"] = keyed["steps_done"] * keyed["batch_size"] * keyed["devices"]
     keyed["val_acc_for_selection"] = _tuning_val_acc(keyed, settings)
 
     value_columns = [column for column in keyed.columns if column not in keys]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from normbench import checkpoint, data, distributed, identity, models, norms, summary, tracking
+from normbench import budget, checkpoint, data, distributed, identity, models, norms, summary, tracking
 from normbench.device import resolve_device, torch_memory_format, uses_compile
 from normbench.errors import UserError
 from normbench.evaluation import EvaluationSuite, reduce_over_ranks
@@ -210,12 +210,17 @@ class Run:
         self.ds = build_data(cfg, self.device, self.world)
         self.train_batches = training_batches(cfg, self.ds, self.device, cfg.seed, layout)
         self.steps_per_epoch = len(self.train_batches)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # The budget (epochs, steps or images) as optimizer steps, in `passes` epochs, the last one possibly cut short.
+        self.total_steps = budget.total_steps(cfg, self.steps_per_epoch, self.global_batch)
+        self.passes = budget.passes(self.total_steps, self.steps_per_epoch)
+        if int(cfg.freeze_stats_epochs or 0) > self.passes:
+            raise UserError(f"freeze_stats_epochs={cfg.freeze_stats_epochs} is more than the run's {self.passes} "
+                            f"epochs ({budget.unit(cfg)} budget of {budget.length(cfg)}); use at most that")
         self.model, self.train_model = build_model(cfg, self.device, self.total_steps, layout, log)
         self.optimizer, self.scheduler = build_optimizer_and_schedule(cfg, self.model, self.total_steps,
                                                                       self.steps_per_epoch)
         self.evaluation = EvaluationSuite(
-            cfg, self.ds, self.model, self.autocast, self.device, memory_format=layout,
+            cfg, self.ds, self.model, self.autocast, self.device, epochs=self.passes, memory_format=layout,
             precise_source=training_batches(cfg, self.ds, self.device, cfg.seed + PRECISE_BN_SEED_OFFSET, layout))
         self.state = RunState(sums=new_sums(self.device))
         self.ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
@@ -237,7 +242,7 @@ class Run:
     def frozen_epoch(self, epoch: int) -> bool:
         """Whether epoch (0-based) is in the FrozenBN tail (the last freeze_stats_epochs epochs)."""
         k = int(self.cfg.freeze_stats_epochs or 0) if self.evaluation.batch_dependent else 0
-        return k > 0 and epoch >= self.cfg.epochs - k
+        return k > 0 and epoch >= self.passes - k
 
     # -- checkpoints ---------------------------------------------------------------------
     def resume(self) -> None:
@@ -309,7 +314,7 @@ class Run:
                 for stale in [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(".*.tmp")]:
                     stale.unlink()
         # Events at the checkpoint's step were logged before it was written: keep them, drop later ones.
-        self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None, epochs=self.cfg.epochs)
+        self.recorder = RunRecorder(run_dir, purge_step=self.images_seen(step) + 1 if step else None, epochs=self.passes)
         self.recorder.rows = list(self.state.rows)
         if step == 0:  # a resumed attempt keeps the first one's
             self.recorder.dashboards(identity.run_identity(self.cfg))
@@ -323,15 +328,21 @@ class Run:
         norms.data_dependent_init(self.model, self.train_batches.normalize(ds.train.x[init_idx.to(self.device)]))
 
     # -- one epoch of steps --------------------------------------------------------------
+    def steps_in_epoch(self, epoch: int) -> int:
+        """The steps of epoch (0-based) `epoch`: all of a pass, less in a last pass that the budget cuts short."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
     def train_epoch(self, bar=None) -> int | None:
-        """Train to the end of the current epoch; returns the first step with a non-finite loss, if any."""
+        """Train to the end of the current epoch (or of the budget); returns the first step with a non-finite
+        loss, if any."""
         s = self.state
         self.model.train()
         if self.frozen_epoch(s.epoch):  # FrozenBN tail: population statistics, not updated
             norms.freeze_batch_stats(self.model)
         self._sync()
         t_epoch = time.perf_counter()
-        for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch):
+        epoch_steps = self.steps_in_epoch(s.epoch)
+        for x, y in self.train_batches.epoch(s.epoch, start=s.batch_in_epoch, stop=epoch_steps):
             record_gaps = self.stat_gap_every and s.step % self.stat_gap_every == 0
             self.train_step(x, y, record_gaps)
             s.step += 1
@@ -347,7 +358,7 @@ class Run:
                     return bad_step
             if self.log_every and s.step % self.log_every == 0:
                 self.log_train_window(x_axis)
-            if self.ckpt_every and s.step % self.ckpt_every == 0 and s.batch_in_epoch < self.steps_per_epoch:
+            if self.ckpt_every and s.step % self.ckpt_every == 0 and s.batch_in_epoch < epoch_steps:
                 self.save_checkpoint(s.epoch_s + time.perf_counter() - t_epoch)
         self._sync()
         self.epoch_seconds = s.epoch_s + time.perf_counter() - t_epoch
@@ -430,12 +441,12 @@ class Run:
             s.best_val_acc = max(s.best_val_acc or 0.0, row["val_acc"])
         x_axis = self.images_seen(s.step)
         self.recorder.epoch_scalars(row, x_axis)
-        images_per_s = self.steps_per_epoch * self.global_batch / self.epoch_seconds
+        images_per_s = self.steps_in_epoch(s.epoch - 1) * self.global_batch / self.epoch_seconds
         self.recorder.epoch_diagnostics({tracking.IMAGES_PER_S_TAG: images_per_s,
                                          tracking.SECONDS_PER_EPOCH_TAG: self.epoch_seconds}, x_axis)
         self.recorder.epoch_row(row)
         s.rows = list(self.recorder.rows)
-        self.log(f"{self.cfg.run_name} epoch {s.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} "
+        self.log(f"{self.cfg.run_name} epoch {s.epoch}/{self.passes}: train loss {row['train_loss']:.4f} "
                  f"acc {row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% | "
                  f"{self.epoch_seconds:.1f}s")
 
@@ -448,7 +459,7 @@ class Run:
         else:
             self.recorder.scalar(tracking.BEST_TEST_ACC_TAG, s.best_test_acc, self.images_seen(s.step))
         last = s.rows[-1] if s.rows else {}
-        images = len(s.rows) * self.steps_per_epoch * self.global_batch
+        images = s.step * self.global_batch if s.rows else 0
         record = summary.new(
             identity.run_identity(self.cfg), status,
             reason=f"non-finite loss at step {diverged_step}" if status == summary.DIVERGED else None,
@@ -480,7 +491,7 @@ def train(cfg: DictConfig, run_dir: str | Path, *, progress: bool = False, log=p
 
         bar = tqdm(total=run.total_steps, initial=run.state.step, desc=cfg.run_name, leave=False, dynamic_ncols=True)
     try:
-        while run.state.epoch < cfg.epochs:
+        while run.state.epoch < run.passes:
             bad_step = run.train_epoch(bar)
             if bad_step is not None:
                 return run.finish(summary.DIVERGED, diverged_step=bad_step)

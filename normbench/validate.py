@@ -13,7 +13,7 @@ import difflib
 import os
 from pathlib import Path
 
-from normbench import device, identity
+from normbench import budget, device, identity
 from normbench.compose import CONF_DIR, CONFIG_NAME
 from normbench.errors import UserError
 
@@ -158,6 +158,7 @@ def check_config(cfg) -> None:
     check_identity_ignores(cfg)
     batch_size = check_positive_int("batch_size", cfg.batch_size)
     check_positive_int("epochs", cfg.epochs)
+    budget.check(cfg)
     check_lr(cfg.lr)
     norms.check_virtual_batch(cfg.norm.name, cfg.norm.get("virtual_batch"), batch_size)  # the norms' rule
     check_nonnegative_int("seed", cfg.seed)
@@ -165,7 +166,8 @@ def check_config(cfg) -> None:
     check_choice("eval_stats", cfg.eval_stats, ("ema", "precise", "batch"))
     check_positive_int("precise_batches", cfg.precise_batches)
     check_nonnegative_int("gap_train_images", cfg.gap_train_images)
-    if check_nonnegative_int("freeze_stats_epochs", cfg.freeze_stats_epochs) > cfg.epochs:
+    # (with a steps or images budget the run's epochs are known once its data is: the trainer checks then)
+    if check_nonnegative_int("freeze_stats_epochs", cfg.freeze_stats_epochs) > cfg.epochs and budget.unit(cfg) == "epochs":
         raise UserError(f"freeze_stats_epochs={cfg.freeze_stats_epochs} is more than epochs={cfg.epochs}; "
                         "use at most the run's epochs")
     for key in ("stat_gap_every", "ckpt_every"):

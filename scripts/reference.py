@@ -11,7 +11,10 @@ then train more seeds at the chosen rate, then write the report.
    lr past that edge, a grid step further (0.2 -> 0.4; 0.05 -> 0.025), and picks again; at most
    --extend times.
 3. Seeds: each arm is trained again with seeds 1 .. n-1 at its pick.
-4. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
+4. Lengths (--lengths 8,16,32, a length study): each arm at its pick, tuned at the preset's own
+   length, trains every seed again at each of these epochs (the lr rule of the study: tuned at the
+   shortest length on the validation split, kept at the longer ones).
+5. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
    accuracy, mean ± std and 95% CI over the seeds. Candidates are compared on seed 0 alone
    there too (the seeds every candidate has), so the report picks what step 3 trained.
 
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm at its chosen lr (default 3)")
     parser.add_argument("--extend", type=int, default=2,
                         help="times an arm whose pick is at the edge of the lr grid gets one more lr beyond it (default 2)")
+    parser.add_argument("--lengths", default=None, metavar="E1,E2,...",
+                        help="epochs at which every arm trains every seed again at the lr picked at the preset's "
+                             "own epochs (a length study)")
     parser.add_argument("--finished", action="store_true",
                         help="only list the committable files of the preset's finished runs, one per line")
     parser.add_argument("overrides", nargs="*",
@@ -214,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.lengths is not None:
+        try:
+            lengths = [validate.check_positive_int("--lengths", v) for v in args.lengths.split(",")]
+        except UserError as e:
+            parser.error(str(e))
     extra = [o for o in args.overrides if _key(o) != "seed"]
 
     try:
@@ -257,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     more_seeds = ",".join(str(s) for s in range(1, args.seeds))
     if more_seeds:
         failed |= train([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick])
+    if args.lengths is not None:  # the longer lengths at the picks, every seed
+        every_seed = ",".join(str(s) for s in range(args.seeds))
+        epochs = ",".join(str(e) for e in lengths)
+        failed |= train([(arm, [f"lr={pick}", f"epochs={epochs}", f"seed={every_seed}"])
+                         for arm, pick in zip(arms, picks) if pick])
 
     from normbench.report import write_sweep_report
 

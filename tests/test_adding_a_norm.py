@@ -91,7 +91,7 @@ def test_a_norm_is_its_layer_its_registry_entry_and_its_yaml(tmp_path, tiny_data
     out = tmp_path / "runs"
     _run(copy, "-m", "normbench", "-m", "norm=rms,bn,gn", "model=cnn", "epochs=1", "batch_size=8",
          "data.eval_batch_size=64", "gap_train_images=16", f"data.root={tiny_data}", f"out_dir={out}")
-    assert len(list(out.glob("cnn/rms/bs8*/lr0.1/seed0/summary.json"))) == 1  # -bf16 where amp=auto means bf16
+    assert len(list(out.glob("cnn/rms/bs8*/lr0.1/ep1/seed0/summary.json"))) == 1  # -bf16 where amp=auto means bf16
     report = tmp_path / "report"
     _run(copy, "-m", "normbench.report", str(out), "--out", str(report))
     colours = _run(copy, "-c", "from normbench import figures; from normbench.norms import NORMS\n"

@@ -20,7 +20,7 @@ from normbench.cli import run_job
 from tests.conftest import REPO, TINY_OVERRIDES, make_image_folder
 from tests.test_train import read_metrics, scalars
 
-RUN_DIR = "cnn/{norm}/bs4x2dev/lr0.1/seed0"  # per-device batch 4 on 2 devices
+RUN_DIR = "cnn/{norm}/bs4x2dev/lr0.1/ep1/seed0"  # per-device batch 4 on 2 devices
 
 
 def torchrun(args: list[str], env: dict, timeout: int = 240, script: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -232,7 +232,7 @@ def test_killed_two_process_run_resumes_to_the_metrics_of_an_uninterrupted_one(t
     out = tmp_path / "runs"
     args = cli_args(data_root, out, "norm=brn", "batch_size=2", "epochs=2", "log_every=10", "stat_gap_every=0",
                     "ckpt_every=20")
-    run_dir, straight_dir = (out / f"cnn/brn/bs2x2dev/lr0.1/{variant}/seed0" for variant in ("killed", "straight"))
+    run_dir, straight_dir = (out / f"cnn/brn/bs2x2dev/lr0.1/ep2/{variant}/seed0" for variant in ("killed", "straight"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "normbench",
            *args, "variant=killed"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "NORMBENCH_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"},

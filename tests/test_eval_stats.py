@@ -152,7 +152,7 @@ def test_gap_train_images_option(make_cfg, tmp_path):
 
 def test_eval_stats_batch_and_precise_set_the_headline(make_cfg, tmp_path):
     batch = run_job(make_cfg("norm=bn", "eval_stats=batch", "norm.virtual_batch=4"))
-    assert batch["run_name"].endswith("bs8-vb4-evalbatch/lr0.1/seed0")
+    assert batch["run_name"].endswith("bs8-vb4-evalbatch/lr0.1/ep1/seed0")
     assert batch["test_acc"] == batch["gap_test_batchstats_acc"]
     assert batch["gap_test_popstats_acc"] == batch["gap_test_ema_acc"] is not None
     precise = run_job(make_cfg("norm=bn", "eval_stats=precise", "precise_batches=3"))
@@ -214,7 +214,7 @@ def test_sigkill_inside_frozen_tail_then_resume_is_exact(tmp_path):
     env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
     args = ["norm=bn", "batch_size=2", "epochs=3", "log_every=10", "stat_gap_every=0", "freeze_stats_epochs=2",
             "eval_stats=precise", "precise_batches=3", "gap_train_images=40"]
-    run_dir = tmp_path / "killed" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/seed0"
+    run_dir = tmp_path / "killed" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/ep3/seed0"
     kill_inside_epoch_2(data_root, tmp_path / "killed", args, run_dir, env)  # the first frozen epoch
     resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
     assert resumed.returncode == 0, resumed.stderr
@@ -222,11 +222,11 @@ def test_sigkill_inside_frozen_tail_then_resume_is_exact(tmp_path):
     straight = run_cli(_cli_args(data_root, tmp_path / "straight", *args), env_extra=env)
     assert straight.returncode == 0, straight.stderr
     a = json.loads((run_dir / "summary.json").read_text())
-    b = json.loads((tmp_path / "straight" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/seed0" / "summary.json").read_text())
+    b = json.loads((tmp_path / "straight" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/ep3/seed0" / "summary.json").read_text())
     for key in ("test_acc", "test_loss", "train_loss", "train_acc", "steps_done", *GAP_FIELDS):
         assert a[key] == b[key], key
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(read_metrics(run_dir)) == drop(read_metrics(tmp_path / "straight" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/seed0"))
+    assert drop(read_metrics(run_dir)) == drop(read_metrics(tmp_path / "straight" / "cnn/bn/bs2-evalprecise-freeze2/lr0.1/ep3/seed0"))
 
 
 @pytest.mark.parametrize("preset", ["train_eval_gap", "train_eval_gap_cpu"])

@@ -41,8 +41,8 @@ def test_parity_table_from_a_real_sweep(tiny_data, tmp_path):
     result = run_cli(["-m", *TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", "norm=bn,gn",
                       "amp=false,true", "seed=0,1", "gap_train_images=0"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "cnn/bn/bs8-bf16-cl/lr0.1/seed1/summary.json").is_file()  # bf16 in BN's preferred layout
-    assert (out / "cnn/gn/bs8-bf16/lr0.1/seed1/summary.json").is_file()  # GN's is contiguous
+    assert (out / "cnn/bn/bs8-bf16-cl/lr0.1/ep1/seed1/summary.json").is_file()  # bf16 in BN's preferred layout
+    assert (out / "cnn/gn/bs8-bf16/lr0.1/ep1/seed1/summary.json").is_file()  # GN's is contiguous
     sys.path.insert(0, str(REPO / "scripts"))
     import parity
 

@@ -70,10 +70,10 @@ def test_precision_and_layout_name_the_run_folder(make_cfg):
     """An fp32 and a bf16 run never share a folder; fp32 contiguous runs keep their old names."""
     names = {o: make_cfg(*o).run_name for o in [("amp=false",), ("amp=true",), ("amp=true", "memory_format=contiguous"),
                                                ("amp=false", "memory_format=channels_last")]}
-    assert names[("amp=false",)] == "cnn/bn/bs8/lr0.1/seed0"
-    assert names[("amp=true",)] == "cnn/bn/bs8-bf16-cl/lr0.1/seed0"
-    assert names[("amp=true", "memory_format=contiguous")] == "cnn/bn/bs8-bf16/lr0.1/seed0"
-    assert names[("amp=false", "memory_format=channels_last")] == "cnn/bn/bs8-cl/lr0.1/seed0"
+    assert names[("amp=false",)] == "cnn/bn/bs8/lr0.1/ep1/seed0"
+    assert names[("amp=true",)] == "cnn/bn/bs8-bf16-cl/lr0.1/ep1/seed0"
+    assert names[("amp=true", "memory_format=contiguous")] == "cnn/bn/bs8-bf16/lr0.1/ep1/seed0"
+    assert names[("amp=false", "memory_format=channels_last")] == "cnn/bn/bs8-cl/lr0.1/ep1/seed0"
     fps = {identity.fingerprint(identity.run_config(make_cfg(*o))) for o in names}
     assert len(fps) == len(names)
 

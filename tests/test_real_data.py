@@ -21,7 +21,7 @@ def test_resnet20_bn_batch2_on_real_cifar10(tmp_path):
                       "data.test_subset=1000", "gap_train_images=1000", f"data.root={REAL}", f"out_dir={out}"],
                      env_extra={"NORMBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr
-    run_dir = out / "resnet20/bn/bs2/lr0.1/seed0"
+    run_dir = out / "resnet20/bn/bs2/lr0.1/ep1/seed0"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["train_size"] == 2000 and summary["test_size"] == 1000

@@ -10,7 +10,7 @@ import pytest
 from normbench import report
 from tests.conftest import TINY_OVERRIDES, run_cli
 
-RUNS = ["cnn/bn/bs2/lr0.1/seed0", "cnn/bn/bs8/lr0.1/seed0", "cnn/gn/bs2/lr0.1/seed0", "cnn/gn/bs8/lr0.1/seed0"]
+RUNS = ["cnn/bn/bs2/lr0.1/ep1/seed0", "cnn/bn/bs8/lr0.1/ep1/seed0", "cnn/gn/bs2/lr0.1/ep1/seed0", "cnn/gn/bs8/lr0.1/ep1/seed0"]
 
 
 def sweep(tiny_data, out_dir, *overrides, env=None):
@@ -63,9 +63,9 @@ def test_divergence_and_crash_do_not_stop_the_sweep(tiny_data, tmp_path):
     # data is loaded) is recorded; the sweep finishes the other runs, then exits non-zero.
     crash = sweep(tiny_data, tmp_path / "crash", "norm=gn", "batch_size=8,200,4")
     assert crash.returncode == 1
-    assert statuses(tmp_path / "crash") == {"cnn/gn/bs8/lr0.1/seed0": "completed",
-                                            "cnn/gn/bs200/lr0.1/seed0": "failed",
-                                            "cnn/gn/bs4/lr0.1/seed0": "completed"}
+    assert statuses(tmp_path / "crash") == {"cnn/gn/bs8/lr0.1/ep1/seed0": "completed",
+                                            "cnn/gn/bs200/lr0.1/ep1/seed0": "failed",
+                                            "cnn/gn/bs4/lr0.1/ep1/seed0": "completed"}
     assert "failed runs:" in crash.stderr and "larger than the training set" in crash.stderr
     table = pd.read_csv(report.write_report([tmp_path / "crash"], tmp_path / "crash_report")["table.csv"])
     assert table.set_index("batch_size")["n_failed"].to_dict() == {4: 0, 8: 0, 200: 1}
@@ -76,13 +76,13 @@ def test_virtual_batch_identity(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     result = sweep(tiny_data, out, "norm=bn,gn", "norm.virtual_batch=2,4")
     assert result.returncode == 0, result.stderr
-    assert set(statuses(out)) == {"cnn/bn/bs8-vb2/lr0.1/seed0", "cnn/bn/bs8-vb4/lr0.1/seed0", "cnn/gn/bs8/lr0.1/seed0"}
+    assert set(statuses(out)) == {"cnn/bn/bs8-vb2/lr0.1/ep1/seed0", "cnn/bn/bs8-vb4/lr0.1/ep1/seed0", "cnn/gn/bs8/lr0.1/ep1/seed0"}
     trained = [line for line in result.stdout.splitlines() if "epoch 1/1" in line]
     assert sum(line.startswith("cnn/gn/") for line in trained) == 1  # trained once, then skipped
-    assert "skip cnn/gn/bs8/lr0.1/seed0: already completed" in result.stdout
-    gn = json.loads((out / "cnn/gn/bs8/lr0.1/seed0/summary.json").read_text())
+    assert "skip cnn/gn/bs8/lr0.1/ep1/seed0: already completed" in result.stdout
+    gn = json.loads((out / "cnn/gn/bs8/lr0.1/ep1/seed0/summary.json").read_text())
     assert gn["virtual_batch"] is None and gn["norm_batch"] is None
-    summary = json.loads((out / "cnn/bn/bs8-vb2/lr0.1/seed0/summary.json").read_text())
+    summary = json.loads((out / "cnn/bn/bs8-vb2/lr0.1/ep1/seed0/summary.json").read_text())
     assert summary["batch_size"] == 8 and summary["virtual_batch"] == 2 and summary["norm_batch"] == 2
 
 
@@ -91,7 +91,7 @@ def test_joblib_launcher_runs_two_jobs_in_parallel(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     result = sweep(tiny_data, out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "norm=bn,gn")
     assert result.returncode == 0, result.stderr
-    assert statuses(out) == {"cnn/bn/bs8/lr0.1/seed0": "completed", "cnn/gn/bs8/lr0.1/seed0": "completed"}
+    assert statuses(out) == {"cnn/bn/bs8/lr0.1/ep1/seed0": "completed", "cnn/gn/bs8/lr0.1/ep1/seed0": "completed"}
     for run in statuses(out):
         cfg = json.loads((out / run / "summary.json").read_text())["config"]
         assert cfg["threads"] >= 1  # jobs x threads <= cores
@@ -103,7 +103,7 @@ def test_live_claim_blocks_a_second_trainer(tiny_data, tmp_path):
     import os
 
     out = tmp_path / "sweep"
-    run_dir = out / "cnn/bn/bs8/lr0.1/seed0"
+    run_dir = out / "cnn/bn/bs8/lr0.1/ep1/seed0"
     run_dir.mkdir(parents=True)
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -113,7 +113,7 @@ def test_live_claim_blocks_a_second_trainer(tiny_data, tmp_path):
         os.close(fd)
     assert result.returncode == 0, result.stderr
     assert "another live process" in result.stdout
-    assert statuses(out) == {"cnn/gn/bs8/lr0.1/seed0": "completed"}
+    assert statuses(out) == {"cnn/gn/bs8/lr0.1/ep1/seed0": "completed"}
 
 
 @pytest.mark.slow  # 18 s; the joblib launcher test covers parallel sweeps
@@ -201,19 +201,42 @@ def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_dat
         # a two-lr grid: any pick is at an edge, so one more lr a grid step (x3) beyond it
         assert len(tuned) == 3 and {"0.1", "0.3"} < set(tuned) and set(tuned) - {"0.1", "0.3"} <= {"0.9", "0.0333333"}
         val = {lr: r["best_val_acc"] if r["best_val_acc"] is not None else -1.0 for lr, r in tuned.items()}
-        with_seed1 = [lr for lr in tuned if f"cnn/{arm}/lr{lr}/seed1" in runs]
+        with_seed1 = [lr for lr in tuned if f"cnn/{arm}/lr{lr}/ep1/seed1" in runs]
         assert len(with_seed1) == 1 and val[with_seed1[0]] == max(val.values()), (arm, val)
         picked = table[table["norm"] == arm.split("/")[0]]["lr_selected"].iloc[0]
         assert f"{picked:g}" == with_seed1[0]
     assert len(runs) == 8  # 2 arms x 3 lr at seed 0, and seed 1 at each pick
 
     # what to commit: the finished runs' summary.json and metrics.csv, not a run still in progress
-    (out / "cnn/gn/bs8/lr0.1/seed7").mkdir(parents=True)
-    (out / "cnn/gn/bs8/lr0.1/seed7/metrics.csv").write_text("epoch\n1\n")
+    (out / "cnn/gn/bs8/lr0.1/ep1/seed7").mkdir(parents=True)
+    (out / "cnn/gn/bs8/lr0.1/ep1/seed7/metrics.csv").write_text("epoch\n1\n")
     capsys.readouterr()
     assert reference.main(["gn_fig1_cpu", "--finished", f"out_dir={out}"]) == 0
     listed = capsys.readouterr().out.split()
     assert sorted(listed) == sorted(str(out / run / name) for run in runs for name in ("summary.json", "metrics.csv"))
+
+
+def test_reference_lengths_train_every_seed_at_the_pick_of_the_shortest(tiny_data, tmp_path, monkeypatch):
+    """--lengths 2: tuned at the preset's epochs (1 here), each arm's every seed again at 2 epochs at its pick
+    and at no other lr; the report then has a length section."""
+    reference = reference_script()
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, rep = tmp_path / "runs", tmp_path / "report"
+    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=bn,gn",
+                 "lr=0.1,0.3", "data.subset=null", "data.test_subset=null", "data.val_split=40"]
+    assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "0", "--lengths", "2", *overrides]) == 0
+    runs = {p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json")}
+    table = pd.read_csv(rep / "table.csv")
+    for norm in ("bn", "gn"):
+        pick = table[(table["norm"] == norm) & (table["epochs"] == 1)]["lr_selected"].iloc[0]
+        long = sorted(r for r in runs if r.startswith(f"cnn/{norm}/") and "/ep2/" in r)
+        assert long == [f"cnn/{norm}/bs8/lr{pick:g}/ep2/seed{s}" for s in (0, 1)]
+    assert len(runs) == 2 * (2 + 1 + 2)  # per arm: 2 lrs at seed 0, seed 1 at the pick, 2 seeds at 2 epochs
+    assert (rep / "length.md").is_file()
+    with pytest.raises(SystemExit) as bad:
+        reference.main(["gn_fig1_cpu", "--lengths", "2,x", *overrides])
+    assert bad.value.code == 2
 
 
 @pytest.mark.parametrize("args, fragment", [

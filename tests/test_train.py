@@ -35,7 +35,7 @@ def scalars(run_dir: Path) -> dict[str, list]:
 def test_run_outputs_agree(make_cfg, tmp_path):
     cfg = make_cfg("epochs=2", "norm=bn")
     summary = run_job(cfg)
-    run_dir = tmp_path / "runs" / "cnn/bn/bs8/lr0.1/seed0"
+    run_dir = tmp_path / "runs" / "cnn/bn/bs8/lr0.1/ep2/seed0"
     assert summary["status"] == "completed" and summary["epochs_done"] == 2
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     rows = read_metrics(run_dir)
@@ -124,9 +124,9 @@ def test_mismatched_checkpoint_is_not_resumed(make_cfg, tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().out
     assert summary["status"] == "completed" and summary["epochs_done"] == 2
 
-    stop = make_cfg("norm=bn", "epochs=3", "on_bad_checkpoint=stop")
+    stop = make_cfg("norm=bn", "epochs=2", "optim.momentum=0.8", "on_bad_checkpoint=stop")
     stop_dir = tmp_path / "runs" / stop.run_name
-    assert stop_dir == bn_dir  # same identity, other epochs: the old checkpoint is a mismatch
+    assert stop_dir == bn_dir  # same folder, other identity (momentum): the old checkpoint is a mismatch
     (bn_dir / "summary.json").unlink()
     with pytest.raises(SystemExit) as e:
         run_job(stop)
@@ -159,7 +159,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     data_root = make_image_folder(tmp_path / "data", n_train=40, n_test=8)
     env = {"NORMBENCH_CACHE": str(tmp_path / "cache")}
     args = ["norm=bn", "batch_size=2", "epochs=2", "log_every=10", "stat_gap_every=0"]
-    run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/seed0"
+    run_dir = tmp_path / "killed" / "cnn/bn/bs2/lr0.1/ep2/seed0"
     kill_inside_epoch_2(data_root, tmp_path / "killed", args, run_dir, env)
 
     resumed = run_cli(_cli_args(data_root, tmp_path / "killed", *args, "ckpt_every=25"), env_extra=env)
@@ -169,11 +169,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     a = json.loads((run_dir / "summary.json").read_text())
-    b = json.loads((tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0" / "summary.json").read_text())
+    b = json.loads((tmp_path / "straight" / "cnn/bn/bs2/lr0.1/ep2/seed0" / "summary.json").read_text())
     for key in ("test_acc", "best_test_acc", "test_loss", "train_loss", "train_acc", "epochs_done", "steps_done"):
         assert a[key] == b[key], key
     rows_a = read_metrics(run_dir)
-    rows_b = read_metrics(tmp_path / "straight" / "cnn/bn/bs2/lr0.1/seed0")
+    rows_b = read_metrics(tmp_path / "straight" / "cnn/bn/bs2/lr0.1/ep2/seed0")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
     # TensorBoard: the killed attempt's points past the checkpoint are purged, none are lost
