@@ -81,6 +81,11 @@ def test_a_norm_is_its_layer_its_registry_entry_and_its_yaml(tmp_path, tiny_data
     where = _run(copy, "-c", "import normbench, sys; print(normbench.__file__)").stdout
     assert where.strip().startswith(str(copy))
 
+    # The README's norm table is the registry's: regenerated, it names rms.
+    _run(copy, "-c", f"from normbench.norms.registry import print_norms; print_norms(['--update-readme', "
+               f"{str(copy / 'README.md')!r}])")  # normbench-norms --update-readme README.md
+    assert "| `rms` | sample RMS norm" in (copy / "README.md").read_text()
+
     # The norm tests enumerate the registry: they cover rms with no edit, and pass.
     tests = _run(copy, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "tests/test_norms.py",
                  "-k", "rms").stdout

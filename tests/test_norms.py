@@ -106,7 +106,8 @@ def test_registry_entry(name):
 def test_weight_norms_reparametrize_and_the_others_do_not():
     for name, info in NORMS.items():
         conv = apply_weight_reparam(nn.Conv2d(2, 3, 1), name)
-        assert hasattr(conv, "parametrizations") == (info.reparam is not None), name
+        hooks_only = name == "cbn"  # its reparam hooks the conv (to compensate through it) and changes no weight
+        assert hasattr(conv, "parametrizations") == (info.reparam is not None and not hooks_only), name
 
 
 def test_yaml_mirrors_registry():
@@ -319,6 +320,9 @@ def test_per_channel_affine(name):
         return
     assert params, name
     for pname, p in params.items():
+        if pname in ("mean_weight", "var_weight"):  # switchnorm's switch weights: one per statistic, per layer
+            assert p.shape == (len(m.importance_weights()) // 2,), (name, pname, p.shape)
+            continue
         assert p.shape == (c,), (name, pname, p.shape)
     if "weight" in params:
         assert torch.equal(params["weight"], torch.ones(c))
@@ -924,6 +928,12 @@ def test_brn_relaxes_within_a_short_run():
     assert limits[40][1] == 5.0 and limits[40][0] < 3
     assert limits[60] == (3.0, 5.0) == limits[79]
     assert schedule_scalars(brn) == {"brn/r_max": torch.tensor(3.0), "brn/d_max": torch.tensor(5.0)}
+    sn = build_norm("switchnorm", 4)
+    with torch.no_grad():
+        sn.mean_weight.copy_(torch.tensor([0.0, 0.0, math.log(2.0)]))  # softmax: 1/4, 1/4, 1/2
+    reported = schedule_scalars(nn.Sequential(sn, build_norm("switchnorm", 4)))  # the mean over its layers
+    assert reported["switchnorm/mean_bn"] == pytest.approx((0.5 + 1 / 3) / 2)
+    assert reported["switchnorm/var_in"] == pytest.approx(1 / 3) and len(reported) == 6
     with pytest.raises(RuntimeError, match="set_training_length"):
         build_norm("brn", 2).train()(x)  # a fraction of an unknown length is refused, not guessed
     with pytest.raises(NormConfigError, match="fraction"):
@@ -1076,3 +1086,19 @@ def test_batch_statistics_without_gradients_are_the_fused_kernels_bit_for_bit(vi
         _, mean, invstd = torch.native_batch_norm(folded, None, None, None, None, True, 0.0, 1e-3)
         assert torch.equal(stats.mean, mean.view(groups, 6))
         assert torch.equal(stats.var, (invstd.square().reciprocal() - 1e-3).view(groups, 6))
+
+
+def test_the_readme_tables_are_the_registry():
+    """README.md's norm table and "what each remedy is for" are `normbench-norms --markdown`, so a norm added to
+    the registry (or a description changed there) shows in the README only through the registry
+    (`normbench-norms --update-readme README.md` puts them in place)."""
+    from normbench.norms.registry import README_BEGIN, README_END, norms_markdown, update_readme
+
+    path = Path(__file__).resolve().parents[1] / "README.md"
+    readme = path.read_text()
+    assert readme[readme.index(README_BEGIN) + len(README_BEGIN):readme.index(README_END)] == norms_markdown()
+    for name, info in NORMS.items():
+        assert f"| `{name}` | {info.description.replace('|', chr(92) + '|')} |" in norms_markdown()
+    assert {f"| `{name}` |" for name, info in NORMS.items() if info.remedy} <= set(
+        line[:line.index("|", 2) + 1] for line in norms_markdown().split("What each remedy")[1].splitlines()
+        if line.startswith("| `"))

@@ -125,7 +125,8 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["quick", "gn_fig1", "gn_fig1_cpu", "small_batch", "small_batch_cpu",
-                                    "placement", "placement_cpu", "train_eval_gap", "train_eval_gap_cpu"])
+                                    "placement", "placement_cpu", "train_eval_gap", "train_eval_gap_cpu",
+                                    "remedies_cpu", "length_resnet20_cpu", "length_cnn_cpu"])
 def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
     from normbench.compose import compose, expand
     from normbench.models import MODELS
@@ -224,14 +225,15 @@ def test_reference_lengths_train_every_seed_at_the_pick_of_the_shortest(tiny_dat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, rep = tmp_path / "runs", tmp_path / "report"
     overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=bn,gn",
-                 "lr=0.1,0.3", "data.subset=null", "data.test_subset=null", "data.val_split=40"]
+                 "norm.virtual_batch=2", "lr=0.1,0.3", "data.subset=null", "data.test_subset=null",
+                 "data.val_split=40"]
     assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "0", "--lengths", "2", *overrides]) == 0
     runs = {p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json")}
     table = pd.read_csv(rep / "table.csv")
-    for norm in ("bn", "gn"):
+    for norm, batch in (("bn", "bs8-vb2"), ("gn", "bs8")):
         pick = table[(table["norm"] == norm) & (table["epochs"] == 1)]["lr_selected"].iloc[0]
         long = sorted(r for r in runs if r.startswith(f"cnn/{norm}/") and "/ep2/" in r)
-        assert long == [f"cnn/{norm}/bs8/lr{pick:g}/ep2/seed{s}" for s in (0, 1)]
+        assert long == [f"cnn/{norm}/{batch}/lr{pick:g}/ep2/seed{s}" for s in (0, 1)]
     assert len(runs) == 2 * (2 + 1 + 2)  # per arm: 2 lrs at seed 0, seed 1 at the pick, 2 seeds at 2 epochs
     assert (rep / "length.md").is_file()
     with pytest.raises(SystemExit) as bad:

@@ -27,21 +27,29 @@ def _batch_stat_modules(model: nn.Module) -> list[BatchStatNorm]:
 
 
 def set_training_length(model: nn.Module, total_steps: int) -> nn.Module:
-    """Tell every layer with a schedule over training (Batch Renorm's r/d relaxation) the run's length."""
+    """Tell every layer with a schedule over training the run's length: each layer that has one declares it
+    by a ``set_training_length(total_steps)`` method (Batch Renorm's r/d relaxation, CBN's burn-in)."""
     for m in model.modules():
-        if isinstance(m, BatchRenorm):
+        if callable(getattr(m, "set_training_length", None)):
             m.set_training_length(total_steps)
     return model
 
 
 def schedule_scalars(model: nn.Module) -> dict[str, float]:
-    """The schedule values in force now, for logging: ``brn/r_max`` and ``brn/d_max``
-    if the model has Batch Renorm layers (they all count the same steps), else nothing."""
-    for m in model.modules():
-        if isinstance(m, BatchRenorm):
-            r_max, d_max = m.current_limits()
-            return {"brn/r_max": r_max, "brn/d_max": d_max}
-    return {}
+    """The values the norms report now, for logging: ``brn/r_max`` and ``brn/d_max`` if the model has Batch
+    Renorm layers (they all count the same steps), and Switchable Normalization's softmax importance weights
+    averaged over its layers (``switchnorm/mean_in``, ..., one host sync), else nothing."""
+    scalars: dict[str, float] = {}
+    brn = next((m for m in model.modules() if isinstance(m, BatchRenorm)), None)
+    if brn is not None:
+        r_max, d_max = brn.current_limits()
+        scalars.update({"brn/r_max": r_max, "brn/d_max": d_max})
+    switch = [m.importance_weights() for m in model.modules() if callable(getattr(m, "importance_weights", None))]
+    if switch:
+        with torch.no_grad():
+            means = torch.stack([torch.stack([w[k] for w in switch]).float().mean() for k in switch[0]]).tolist()
+        scalars.update({f"switchnorm/{k}": v for k, v in zip(switch[0], means)})
+    return scalars
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
