@@ -99,3 +99,26 @@ def test_a_real_sweep_over_step_budgets_reports_its_lengths(tiny_data, tmp_path)
     rows = pd.read_csv(out / "report" / "length.csv")
     assert sorted(rows["train_images"]) == [80, 80, 160, 160] and set(rows["length"]) == {"10 steps", "20 steps"}
     assert (out / "report" / "length_error.png").is_file() and (out / "report" / "length_gap.png").is_file()
+
+
+def test_the_length_figures_draw_each_arm_against_training_images(tmp_path):
+    """length_error: one line per arm over the lengths' training images (log2 axis), in the norm's own colour,
+    CI bars, a title that says so and the protocol; length_gap: bn - gn at each length, with a zero line."""
+    from normbench.figures import FIGURES, norm_style
+
+    make_length_sweep(tmp_path / "runs")
+    loaded = report.load_report([tmp_path / "runs"], target_acc=40.0)
+    error = FIGURES["length_error"].draw(loaded.table, loaded.curves, loaded.protocol)
+    ax = error.axes[0]
+    assert ax.get_xscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"bn", "gn"}
+    assert list(lines["bn"].get_xdata()) == [6400, 12800, 25600]
+    assert list(lines["gn"].get_ydata()) == pytest.approx([100 - sum(FINALS[("gn", e)]) / 3 for e in (2, 4, 8)])
+    assert lines["gn"].get_color() == norm_style("gn").color
+    title = error.get_suptitle()
+    assert "95% CI" in title and "3 seeds" in title and "Protocol:" in title
+    gap = FIGURES["length_gap"].draw(loaded.table, loaded.curves, loaded.protocol)
+    diffs = [line for line in gap.axes[0].get_lines() if line.get_label() == "bn − gn"]
+    assert len(diffs) == 1 and list(diffs[0].get_ydata()) == pytest.approx(
+        [sum(FINALS[("bn", e)]) / 3 - sum(FINALS[("gn", e)]) / 3 for e in (2, 4, 8)])

@@ -55,6 +55,31 @@ def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> in
     return batch_size // virtual_batch
 
 
+class RunLength:
+    """A layer's schedule over training (Batch Renorm's relaxation, CBN's burn-in): lengths in ``unit``, fractions
+    of the run's training steps (``fraction``, the run's length set by ``set_training_length``) or absolute steps
+    (``steps``); ``unit_key`` is the option that chose the unit, for messages. The one rule for such lengths."""
+
+    def __init__(self, norm_name: str, unit: str, unit_key: str, **lengths: float):
+        for key, value in lengths.items():
+            if unit == "fraction" and not 0.0 <= value <= 1.0:
+                raise NormConfigError(f"norm '{norm_name}': {key}={value} must be a fraction of training in [0, 1] "
+                                      f"(or set norm.{unit_key}=steps)")
+            if unit == "steps" and value != int(value):
+                raise NormConfigError(f"norm '{norm_name}': {key}={value} must be a whole number of steps with "
+                                      f"{unit_key}=steps")
+        self.norm_name, self.unit, self.unit_key = norm_name, unit, unit_key
+        self.total_steps: int | None = None  # set by set_training_length (unit 'fraction')
+
+    def in_steps(self, length: float) -> float:
+        if self.unit == "steps":
+            return length
+        if self.total_steps is None:
+            raise RuntimeError(f"norm '{self.norm_name}' with {self.unit_key}='fraction' needs the run's length: call "
+                               "normbench.norms.set_training_length(model, total_steps) before training")
+        return length * self.total_steps
+
+
 def _unbiased_divisor(count):
     """n - 1 (at least 1): what a sum of squared deviations over n values is divided by for the unbiased
     variance (n an int, or a tensor of counts)."""
@@ -384,33 +409,21 @@ class BatchRenorm(BatchStatNorm):
                  norm_name: str = "brn"):
         super().__init__(num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, sync=sync,
                          norm_name=norm_name)
-        lengths = {"relax_start": relax_start, "r_relax": r_relax, "d_relax": d_relax}
-        for key, value in lengths.items():
-            if relax_unit == "fraction" and not 0.0 <= value <= 1.0:
-                raise NormConfigError(f"norm '{norm_name}': {key}={value} must be a fraction of training in [0, 1] "
-                                      f"(or set norm.relax_unit=steps)")
-            if relax_unit == "steps" and value != int(value):
-                raise NormConfigError(f"norm '{norm_name}': {key}={value} must be a whole number of steps with "
-                                      f"relax_unit=steps")
+        self.schedule = RunLength(norm_name, relax_unit, "relax_unit", relax_start=relax_start, r_relax=r_relax,
+                                  d_relax=d_relax)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.relax_unit = relax_unit
         self.relax_start, self.r_relax, self.d_relax = float(relax_start), float(r_relax), float(d_relax)
-        self.total_steps: int | None = None  # set by set_training_length (relax_unit='fraction')
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self._steps = 0  # == num_steps, kept on the host (set again when a state_dict is loaded)
         init_affine(self, num_features, affine)
 
     def set_training_length(self, total_steps: int) -> None:
-        self.total_steps = int(total_steps)
+        self.schedule.total_steps = int(total_steps)
 
     def _in_steps(self, length: float) -> float:
-        if self.relax_unit == "steps":
-            return length
-        if self.total_steps is None:
-            raise RuntimeError("BatchRenorm with relax_unit='fraction' needs the run's length: call "
-                               "normbench.norms.set_training_length(model, total_steps) before training")
-        return length * self.total_steps
+        return self.schedule.in_steps(length)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)

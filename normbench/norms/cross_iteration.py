@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from normbench.norms.batch_stat import BatchStatNorm, BatchStats
+from normbench.norms.batch_stat import BatchStatNorm, BatchStats, RunLength
 from normbench.norms.layers import NormConfigError, init_affine
 
 _SOURCE = "_cbn_source"  # the attribute a hooked conv sets on its training-mode output
@@ -191,15 +191,9 @@ class CrossIterationBatchNorm(BatchStatNorm):
                  compensate: bool = True, momentum: float = 0.1, eps: float = 1e-5, affine: bool = True,
                  virtual_batch: int | None = None, norm_name: str = "cbn"):
         super().__init__(num_features, momentum=momentum, eps=eps, virtual_batch=virtual_batch, norm_name=norm_name)
-        if burnin_unit == "fraction" and not 0.0 <= burnin <= 1.0:
-            raise NormConfigError(f"norm '{norm_name}': burnin={burnin} must be a fraction of training in [0, 1] "
-                                  f"(or set norm.burnin_unit=steps)")
-        if burnin_unit == "steps" and burnin != int(burnin):
-            raise NormConfigError(f"norm '{norm_name}': burnin={burnin} must be a whole number of steps with "
-                                  f"burnin_unit=steps")
+        self.schedule = RunLength(norm_name, burnin_unit, "burnin_unit", burnin=burnin)
         self.window, self.compensate = int(window), bool(compensate)
         self.burnin, self.burnin_unit = float(burnin), burnin_unit
-        self.total_steps: int | None = None  # set by set_training_length (burnin_unit='fraction')
         init_affine(self, num_features, affine)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))  # training steps so far
         self.register_buffer("num_stored", torch.zeros((), dtype=torch.long))  # entries written (ring: mod R)
@@ -208,15 +202,10 @@ class CrossIterationBatchNorm(BatchStatNorm):
         self._steps = self._stored = 0  # host copies of the two counters (no device sync per step)
 
     def set_training_length(self, total_steps: int) -> None:
-        self.total_steps = int(total_steps)
+        self.schedule.total_steps = int(total_steps)
 
     def _burnin_steps(self) -> float:
-        if self.burnin_unit == "steps":
-            return self.burnin
-        if self.total_steps is None:
-            raise RuntimeError("CrossIterationBatchNorm with burnin_unit='fraction' needs the run's length: call "
-                               "normbench.norms.set_training_length(model, total_steps) before training")
-        return self.burnin * self.total_steps
+        return self.schedule.in_steps(self.burnin)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in _PAST:  # the entries take the saved shapes (allocated lazily)
