@@ -19,6 +19,16 @@ import torch
 from normbench.compose import CONF_DIR, compose  # noqa: F401  (CONF_DIR: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def slow_without_bf16_units(test):
+    """Mark a test that trains in bf16 `slow` on a CPU without bf16 matrix units (AVX2 only: bf16 runs on
+    fallback kernels, minutes instead of seconds), so `make test` stays under 10 minutes there too; on an AMX
+    CPU it is an ordinary test. `make test-all` runs it everywhere."""
+    from normbench.device import cpu_has_bf16_matrix_units
+
+    return test if cpu_has_bf16_matrix_units() else pytest.mark.slow(test)
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, slow_without_bf16_units
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_norms_section_checks_the_issue_26_targets(bench):
     assert "- bn, cnn batch 128: 2.40x (target >= 2.5x)" in lines
 
 
+@slow_without_bf16_units  # --amp true
 def test_bench_runs_every_section_at_toy_size(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(

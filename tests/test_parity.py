@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from normbench import stats
-from tests.conftest import REPO, TINY_OVERRIDES, run_cli
+from tests.conftest import REPO, TINY_OVERRIDES, run_cli, slow_without_bf16_units
 
 
 def test_welch_matches_its_formula():
@@ -35,6 +35,7 @@ def test_paired_uses_the_pairs():
         stats.paired([1.0, 2.0], [1.0])
 
 
+@slow_without_bf16_units  # a bf16 arm beside each fp32 one
 def test_parity_table_from_a_real_sweep(tiny_data, tmp_path):
     """Runs in both precisions over two seeds: one row per arm, its difference and verdict."""
     out = tmp_path / "runs"
