@@ -319,11 +319,6 @@ def load_curves(runs: pd.DataFrame, key_columns: list[str]) -> pd.DataFrame:
     return curves.merge(keyed[["path", *key_columns, "seed"]], on="path", how="left")
 
 
-def epochs_to_target(curves: pd.DataFrame, target_acc: float) -> pd.Series:
-    """Per run path: the first epoch whose test_acc >= target_acc (NaN if never)."""
-    return to_target(curves, target_acc)["epoch"]
-
-
 def to_target(curves: pd.DataFrame, target_acc: float) -> pd.DataFrame:
     """Per run path, at its first evaluation with test_acc >= target_acc (NaN if never): the epoch, the
     optimizer steps taken (``step``; NaN in a metrics.csv without it) and the training seconds so far (the sum

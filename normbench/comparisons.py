@@ -25,8 +25,8 @@ import math
 import pandas as pd
 
 from normbench import identity, stats, summary
-from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, seed_values, table_setting_columns,
-                             to_latex, to_markdown)
+from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, lr_column, seed_values,
+                             table_setting_columns, to_latex, to_markdown)
 
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
@@ -36,10 +36,6 @@ HIGHER, LOWER, NO_DIFFERENCE = "higher", "lower", "no detectable difference"
 COLUMNS = ["family", "context", "arm", "reference", "arm_mean", "reference_mean", "diff", "ci_low", "ci_high", "p",
            "p_holm", "paired_ci_low", "paired_ci_high", "paired_p", "n_arm", "n_reference", "seeds_arm",
            "seeds_reference", "arm_lr", "reference_lr", "verdict"]
-
-
-def _lr_column(table: pd.DataFrame) -> str:
-    return "lr_selected" if "lr_selected" in table.columns else "lr"
 
 
 def _own_norm_batch(row) -> bool:
@@ -90,7 +86,7 @@ class _Plan:
     def __init__(self, table: pd.DataFrame):
         self.table = table
         self.settings = table_setting_columns(table)
-        self.lr = _lr_column(table)
+        self.lr = lr_column(table)
         self.pairs: list[tuple[str, int, int]] = []
 
     def keys_without(self, *varying: str) -> list[str]:
@@ -345,7 +341,7 @@ def _status_findings(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     lines = ["## Arms and runs", ""]
     chance = table[table["at_chance"]]
     for _, row in chance.iterrows():
-        lines.append(f"- At chance ({CHANCE_ACC:g}%): {_row_text(row, _lr_column(table))}, {row['test_acc_mean']:.2f}% over "
+        lines.append(f"- At chance ({CHANCE_ACC:g}%): {_row_text(row, lr_column(table))}, {row['test_acc_mean']:.2f}% over "
                      f"{row['n_completed']} seeds; it never learned.")
     if "lr_margin" in table.columns:
         lines += _pick_findings(table)

@@ -809,14 +809,15 @@ def plot_length_error(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
         return None
     rows = rows[rows["n_completed"] > 0].copy()
     rows["error"] = 100.0 - rows["test_acc_mean"]
-    context = [k for k in length.arm_keys(table) if k not in ("norm", "batch_size", "devices", "virtual_batch")
-               and rows[k].nunique(dropna=False) > 1 or k == "model"]
+    # A panel per model and per other setting that differs (the arms' norms and batches are its lines).
+    context = [k for k in length.arm_keys(table) if k == "model" or (
+        k not in ("norm", "batch_size", "devices", "virtual_batch") and rows[k].nunique(dropna=False) > 1)]
     panels = _length_panels(rows, context)
     looks = norm_styles(rows["norm"])
     fig, axes = _new_figure([1] * len(panels))
     for ax, (title, panel) in zip(axes, panels):
         arms = list(dict.fromkeys(panel["arm"]))
-        for index, arm in enumerate(arms):
+        for arm in arms:
             line = panel[panel["arm"] == arm].sort_values("train_images")
             norm = line["norm"].iloc[0]
             same_norm = [a for a in arms if panel.loc[panel["arm"] == a, "norm"].iloc[0] == norm]
@@ -824,7 +825,6 @@ def plot_length_error(table: pd.DataFrame, curves: pd.DataFrame, protocol: str):
                                linestyle=linestyle(same_norm.index(arm)), style=looks[norm])
             half = line["test_acc_ci95"]
             _bars(ax, line["train_images"], line["error"], line["error"] - half, line["error"] + half, color)
-        _length_axis(ax, panel["train_images"])
         _style_axes(ax, title, LENGTH_XLABEL, "test error (%)")
         _length_axis(ax, panel["train_images"])
     seeds = sorted({int(n) for n in rows["n_completed"]})

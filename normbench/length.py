@@ -17,12 +17,8 @@ from __future__ import annotations
 import pandas as pd
 
 from normbench import budget, stats
-from normbench.table import (
-    EMPTY,
-    seed_values,
-    table_setting_columns,
-    to_markdown,
-)
+from normbench.comparisons import fmt_ci, fmt_p, fmt_points
+from normbench.table import EMPTY, lr_column, seed_values, setting_keys, table_setting_columns, to_markdown
 
 # The settings that hold a run's length (budget.unit says what budget.length counts).
 LENGTH_SETTINGS = ("epochs", "budget.unit", "budget.length")
@@ -39,14 +35,9 @@ def varies(table: pd.DataFrame) -> bool:
     return bool(length_settings(table)) and table["train_images"].nunique() > 1
 
 
-def _lr_column(table: pd.DataFrame) -> str:
-    return "lr_selected" if "lr_selected" in table.columns else "lr"
-
-
 def arm_keys(table: pd.DataFrame) -> list[str]:
     """What makes an arm: the table's row keys without the length and the lr."""
-    others = [key for key in table_setting_columns(table) if key not in LENGTH_SETTINGS]
-    return ["model", *others, "placement", "norm", "batch_size", "devices", "virtual_batch"]
+    return setting_keys([key for key in table_setting_columns(table) if key not in LENGTH_SETTINGS])
 
 
 def length_text(row) -> str:
@@ -78,7 +69,7 @@ def length_rows(table: pd.DataFrame) -> pd.DataFrame:
     for group in _groups(table, arm_keys(table)):
         for _, row in group.sort_values("train_images").iterrows():
             rows.append({**{key: row[key] for key in arm_keys(table)}, "arm": arm_label(row, show_batch),
-                         "length": length_text(row), "lr": row[_lr_column(table)], "norm_batch": row["norm_batch"],
+                         "length": length_text(row), "lr": row[lr_column(table)], "norm_batch": row["norm_batch"],
                          "train_images": row["train_images"], "test_acc_mean": row["test_acc_mean"],
                          "test_acc_ci95": row["test_acc_ci95"], "n_completed": row["n_completed"],
                          "n_reached": row["epochs_to_target_n"],
@@ -151,9 +142,9 @@ def length_markdown(table: pd.DataFrame, target_acc: float, protocol: str,
             **({"model": gaps["model"]} if models else {}),
             "arm": gaps["arm"], "reference": gaps["reference"], "length": gaps["length"],
             "training images": [f"{int(v):,}" for v in gaps["train_images"]],
-            "difference (points)": [f"{d:+.2f}" for d in gaps["diff"]],
-            "95% CI": [EMPTY if pd.isna(lo) else f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(gaps["ci_low"], gaps["ci_high"])],
-            "p (Welch)": [EMPTY if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}") for p in gaps["p"]],
+            "difference (points)": [fmt_points(d) for d in gaps["diff"]],
+            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(gaps["ci_low"], gaps["ci_high"])],
+            "p (Welch)": [fmt_p(p) for p in gaps["p"]],
             "seeds": [f"{a} vs {b}" for a, b in zip(gaps["n_arm"], gaps["n_reference"])],
         })
         text += "\n" + to_markdown(gap_display, f"Test accuracy of {pair[0]} minus {pair[1]} (points) by training "

@@ -385,8 +385,13 @@ def _fmt_epochs(mean, n_reached: int, n_completed: int) -> str:
     return text
 
 
+def lr_column(table: pd.DataFrame) -> str:
+    """The column that holds each row's base lr: the pick of a --select-best lr table, else the lr."""
+    return "lr_selected" if "lr_selected" in table.columns else "lr"
+
+
 def _base_lr(table: pd.DataFrame) -> pd.Series:
-    return table["lr_selected"] if "lr_selected" in table.columns else table["lr"]
+    return table[lr_column(table)]
 
 
 def lr_at_edge(table: pd.DataFrame) -> pd.Series:

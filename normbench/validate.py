@@ -82,20 +82,20 @@ def check_lr(value) -> float:
 def check_model(cfg) -> None:
     """Build the model once (cheap, on the CPU): every model and norm option error (a placement, a group
     count that does not divide a layer's channels, zero_init_residual with a norm that cannot) surfaces here;
-    for CBN also one training forward of a throwaway copy, where it finds that a conv feeds each of its layers
-    (it compensates through that conv: not after a residual add or an activation)."""
+    for a norm whose layer checks where it sits at a training forward (``NormInfo.checked_by_forward``: CBN,
+    which needs a conv to produce its input) also one such forward of this throwaway copy."""
     import torch
 
     from normbench import norms
     from normbench.models import build_from_config
 
     model = build_from_config(cfg)
-    if cfg.norm.name == "cbn" and cfg.norm.get("compensate") is not False:
+    if norms.NORMS[cfg.norm.name].checked_by_forward:
         norms.set_training_length(model, 1)
         try:
             model.train()(torch.zeros(cfg.norm.get("virtual_batch") or 1, 3, 32, 32))
         except norms.NormConfigError as e:
-            raise UserError(f"cannot train {cfg.model.name} with norm=cbn: {e.args[0]}") from None
+            raise UserError(f"cannot train {cfg.model.name} with norm={cfg.norm.name}: {e.args[0]}") from None
 
 
 def check_writable(directory: str | os.PathLike, key: str = "out_dir") -> None:

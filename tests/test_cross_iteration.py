@@ -487,3 +487,21 @@ def test_bf16_autocast_computes_the_float32_layer():
         if b16.is_floating_point():
             assert b16.dtype == torch.float32, key
             torch.testing.assert_close(b16, b32, rtol=2e-2, atol=2e-3, msg=key)
+
+
+@pytest.mark.parametrize("overrides", [["model=preact_resnet18"], ["model=cnn", "model.placement=after"]])
+def test_a_model_without_a_conv_before_each_cbn_is_refused_before_training(tiny_data, tmp_path, overrides):
+    """The run's validation makes one training forward for cbn (NormInfo.checked_by_forward): one line, exit 2,
+    nothing trained; with compensate=false (no conv needed) the same model is valid input."""
+    from tests.conftest import TINY_OVERRIDES, run_cli
+
+    args = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path}", "norm=cbn", *overrides]
+    refused = run_cli(args)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert f"cannot train {overrides[0].split('=')[1]} with norm=cbn: " in lines[0] and "compensates through" in lines[0]
+    assert not list(tmp_path.glob("**/summary.json"))
+    from normbench.compose import compose
+    from normbench.validate import check_model
+
+    check_model(compose([*args, "norm.compensate=false"], hydra_node=False))  # no UserError

@@ -78,6 +78,9 @@ class NormInfo:
     memory_format: str = "contiguous"
     statistics: str = "-"  # what its statistics are taken over: the README's norm table (norms_markdown)
     remedy: str = ""  # for a remedy of BN's small-batch failure: what it is for, and its authors' claim
+    # Its layer checks where it sits only at a training forward (CBN: a conv must produce its input), so a run's
+    # validation makes one, on a throwaway copy of the model, to refuse a model that cannot have it before training.
+    checked_by_forward: bool = False
     options: dict[str, Any] = field(init=False)  # option name -> default, from the signatures (do not mutate)
     fused_act: bool = field(init=False)  # the layer is its own nonlinearity (takes apply_act)
 
@@ -166,6 +169,7 @@ NORMS: dict[str, NormInfo] = {
         NormInfo("cbn", "cross-iteration BN (Yao et al. 2021): BN stats pooled over the last k steps, each moved to "
                  "the current conv weights by a Taylor expansion; BN during burn-in", CrossIterationBatchNorm,
                  batch_dependent=True, reparam=remember_conv_inputs, memory_format="channels_last",
+                 checked_by_forward=True,
                  statistics="(N, H, W) per channel, pooled over the last k steps; running stats in eval",
                  remedy="enlarges the normalization batch with the last steps' statistics, compensated for the "
                  "weights' change: its README reports COCO Mask R-CNN box AP 38.4 (SyncBN 38.5, GN 38.5)"),
