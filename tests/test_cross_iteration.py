@@ -489,19 +489,23 @@ def test_bf16_autocast_computes_the_float32_layer():
             torch.testing.assert_close(b16, b32, rtol=2e-2, atol=2e-3, msg=key)
 
 
-@pytest.mark.parametrize("overrides", [["model=preact_resnet18"], ["model=cnn", "model.placement=after"]])
-def test_a_model_without_a_conv_before_each_cbn_is_refused_before_training(tiny_data, tmp_path, overrides):
-    """The run's validation makes one training forward for cbn (NormInfo.checked_by_forward): one line, exit 2,
-    nothing trained; with compensate=false (no conv needed) the same model is valid input."""
+def test_a_model_without_a_conv_before_each_cbn_is_refused_before_training(tiny_data, tmp_path):
+    """The run's validation makes one training forward for cbn (NormInfo.checked_by_forward): through the command
+    line one line, exit 2, nothing trained (the pre-activation ResNet); the CNN with its norm after the ReLU is
+    refused by the same check; with compensate=false (no conv needed) both are valid input."""
+    from normbench.compose import compose
+    from normbench.errors import UserError
+    from normbench.validate import check_model
     from tests.conftest import TINY_OVERRIDES, run_cli
 
-    args = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path}", "norm=cbn", *overrides]
-    refused = run_cli(args)
+    args = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={tmp_path}", "norm=cbn"]
+    refused = run_cli([*args, "model=preact_resnet18"])
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
-    assert f"cannot train {overrides[0].split('=')[1]} with norm=cbn: " in lines[0] and "compensates through" in lines[0]
+    assert "cannot train preact_resnet18 with norm=cbn: " in lines[0] and "compensates through" in lines[0]
     assert not list(tmp_path.glob("**/summary.json"))
-    from normbench.compose import compose
-    from normbench.validate import check_model
-
-    check_model(compose([*args, "norm.compensate=false"], hydra_node=False))  # no UserError
+    after = [*args, "model=cnn", "model.placement=after"]
+    with pytest.raises(UserError, match="^cannot train cnn with norm=cbn: .*compensates through"):
+        check_model(compose(after, hydra_node=False))
+    for model in (["model=preact_resnet18"], after[len(args):]):
+        check_model(compose([*args, *model, "norm.compensate=false"], hydra_node=False))  # no UserError
