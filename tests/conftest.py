@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from normbench.compose import CONF_DIR, compose  # noqa: F401  (CONF_DIR: for the tests)
+# Every cpu_fused(float32=True) function eager in float32, here and in the subprocesses the tests start: compiling
+# each of the suite's hundreds of layer shapes would take most of its time (tests/test_fused.py turns it on).
+os.environ["NORMBENCH_EAGER_FLOAT32"] = "1"
+
+from normbench.compose import CONF_DIR, compose  # noqa: E402, F401  (CONF_DIR: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 

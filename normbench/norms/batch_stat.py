@@ -540,18 +540,18 @@ def _evonorm_b0(x: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weigh
     return torch.addcmul(per_channel_(bias), x / den, per_channel_(weight))
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _evonorm_b0_train(xs: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EvoNorm-B0's training forward on the grouped map ``xs`` (G, k, C, S) in float32 at least, with its batch
     statistics (``BatchStatNorm._batch_stats``'s, unsynchronized: biased var and mean per group and channel,
-    (G, C)); statistics and normalization fused on a CPU in bf16 (``cpu_fused``)."""
+    (G, C)); statistics and normalization fused on a CPU, in float32 runs too (``cpu_fused(float32=True)``)."""
     x = float32_at_least(xs)
     var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
     return _evonorm_b0(x, torch.sqrt(var + eps), v, weight, bias, eps), mean.flatten(1), var.flatten(1)
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _evonorm_b0_apply(xs: torch.Tensor, batch_std: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor, eps: float) -> torch.Tensor:
     """EvoNorm-B0 with a given batch std (the running one in evaluation, the synchronized one)."""

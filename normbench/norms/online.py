@@ -35,9 +35,9 @@ eps^(1)) as one matrix product (``_decay_matrix``), eps^(y), whose decay 1 - (1 
 log2(N)-step scan (``_scan``); the reference's per-sample loop to float64 rounding. The feature maps are read
 twice per pass: eagerly by torch's batch-norm kernels with the samples folded into the channels (per-map
 moments, the backward's sums), then one elementwise pass (the output, the input gradient), in x's layout.
-On a CPU under bf16 autocast the forward and the backward are each one compiled function (``cpu_fused``):
-every statistic and every map in float32 at least, the output and the input gradient rounded once to bf16;
-the buffers stay float32.
+On a CPU the forward and the backward are each one compiled function (``cpu_fused(float32=True)``, in float32
+as under bf16 autocast): every statistic and every map in float32 at least, the output and the input gradient
+rounded once to the input's dtype; the buffers stay float32.
 
 Batch-independent in the registry's sense: a sample's output depends on the stream of samples before it,
 not on how the stream is cut into batches (a batch of 6 gives what three batches of 2 give in turn), and the
@@ -132,7 +132,7 @@ def _as_map(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).view(*t.shape, 1, 1)
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _forward_pass(x: torch.Tensor, stream_mean: torch.Tensor, stream_var: torch.Tensor, weight: torch.Tensor | None,
                   bias: torch.Tensor | None, alpha_fwd: float, eps: float, ls_eps: float | None):
     """The training forward of ``x`` from the streaming statistics (mean, var) (C,): returns the output (in x's
@@ -164,7 +164,7 @@ def _forward_pass(x: torch.Tensor, stream_mean: torch.Tensor, stream_var: torch.
     return out, mean_last, var_last, (mu, mean_prev, rstd, y_mean, y_sq, scale, slope, gamma, beta)
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _backward_pass(grad: torch.Tensor, x: torch.Tensor, stats: tuple, error_y: torch.Tensor, error_1: torch.Tensor,
                    alpha_bkw: float, layer_scaling: bool):
     """The control processes' backward of ``_forward_pass`` for the output gradient ``grad`` from the accumulators

@@ -51,8 +51,8 @@ so none applies and virtual_batch is unused):
 ``importance_weights()`` returns the softmax weights (what to log per layer: mean_in, mean_ln, mean_bn,
 var_in, var_ln, var_bn).
 
-Under bf16 autocast the statistics and the normalization are computed in float32 (fused on a CPU by
-``cpu_fused``) and the output is rounded once to the input's dtype; the running statistics stay float32.
+Under bf16 autocast the statistics and the normalization are computed in float32 (on a CPU fused by
+``cpu_fused(float32=True)``, as in float32 runs) and the output is rounded once to the input's dtype; the running statistics stay float32.
 The map is normalized in its own memory layout (a channels-last map stays one, without copies; the registry
 trains it channels-last, measured faster under bf16).
 """
@@ -113,7 +113,7 @@ def _switch_normalize(x: torch.Tensor, mean_in: torch.Tensor, var_in: torch.Tens
     return torch.addcmul(_per_channel(bias, x.ndim), x - (mean_in + shift), scale)
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _switch_norm_train(xs: torch.Tensor, mean_weight: torch.Tensor, var_weight: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SN's training forward on the grouped map ``xs`` (G, k, C, *S), BN's statistics over each group: the
@@ -125,7 +125,7 @@ def _switch_norm_train(xs: torch.Tensor, mean_weight: torch.Tensor, var_weight: 
     return out.to(xs.dtype), mean_bn.flatten(1), var_bn.flatten(1)
 
 
-@cpu_fused
+@cpu_fused(float32=True)
 def _switch_norm_apply(xs: torch.Tensor, bn_mean: torch.Tensor | None, bn_var: torch.Tensor | None,
                        mean_weight: torch.Tensor, var_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        eps: float) -> torch.Tensor:
