@@ -10,6 +10,7 @@ their settings agree; a setting that differs between runs of one report becomes 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -269,6 +270,17 @@ def collect_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     return _normalize_run_dtypes(runs)
 
 
+def recorded_target_acc(runs: pd.DataFrame) -> float | None:
+    """The target accuracy (%) the runs' configs set (``target_acc``: a preset's "images to X%"), where every run
+    that records one agrees; else None."""
+    values = set()
+    for run_dir in runs["path"]:
+        config = summary.load(Path(run_dir)).get("config")
+        if isinstance(config, dict) and config.get("target_acc") is not None:
+            values.add(float(config["target_acc"]))
+    return values.pop() if len(values) == 1 else None
+
+
 def _normalize_run_dtypes(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     for column in NUMERIC_COLUMNS:
@@ -338,7 +350,9 @@ def to_target(curves: pd.DataFrame, target_acc: float) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 def _one_or_all(values: Iterable, fmt=str, joiner: str = " or ") -> str:
-    distinct = sorted({v for v in values if v is not None and not pd.isna(v)}, key=str)
+    """The distinct values, numbers in numeric order (2 or 4 or 16 epochs), then the rest by their text."""
+    distinct = sorted({v for v in values if v is not None and not pd.isna(v)},
+                      key=lambda v: (0, float(v), "") if isinstance(v, numbers.Real) else (1, 0.0, str(v)))
     if not distinct:
         return ""
     return joiner.join(fmt(v) for v in distinct)

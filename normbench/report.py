@@ -34,6 +34,7 @@ from normbench.collect import (  # noqa: F401  (the library interface of the rep
     find_run_dirs,
     load_curves,
     read_metrics,
+    recorded_target_acc,
     setting_columns,
 )
 from normbench.errors import UserError
@@ -69,6 +70,7 @@ class Report:
     curves: pd.DataFrame  # per-epoch metrics of the completed runs, with their row keys
     table: pd.DataFrame  # one row per setting (aggregate)
     protocol: str  # how the runs were trained, one line (describe_protocol)
+    target_acc: float  # the test accuracy (%) of the "to target" columns
 
 
 def _no_runs_message(paths: list) -> str:
@@ -82,24 +84,27 @@ def default_out_dir(paths: list) -> Path:
 
 
 def load_report(
-    paths: Iterable[str | os.PathLike], target_acc: float = DEFAULT_TARGET_ACC, select_best: str | None = None
+    paths: Iterable[str | os.PathLike], target_acc: float | None = None, select_best: str | None = None
 ) -> Report:
-    """Collect and aggregate the runs under `paths`; raises UserError if there are none."""
+    """Collect and aggregate the runs under `paths`; raises UserError if there are none. ``target_acc`` None: the
+    one the runs' configs set (``collect.recorded_target_acc``), else the config default."""
     paths = list(paths)
     if not paths:
         raise UserError(_no_runs_message(["(no paths given)"]))
     runs = collect_runs(paths)
     if runs.empty:
         raise UserError(_no_runs_message(paths))
+    if target_acc is None:
+        target_acc = recorded_target_acc(runs) or DEFAULT_TARGET_ACC
     curves = load_curves(runs, row_keys(setting_columns(runs)))
     table = aggregate(runs, target_acc=target_acc, select_best=select_best, curves=curves)
-    return Report(runs, curves, table, describe_protocol(runs))
+    return Report(runs, curves, table, describe_protocol(runs), target_acc)
 
 
 def write_report(
     paths: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
-    target_acc: float = DEFAULT_TARGET_ACC,
+    target_acc: float | None = None,
     select_best: str | None = None,
     gap: tuple[str, str] = length.DEFAULT_GAP,
 ) -> dict[str, Path]:
@@ -108,6 +113,7 @@ def write_report(
     over training lengths draws against the length. Raises UserError if there is nothing to report."""
     paths = list(paths)
     report = load_report(paths, target_acc, select_best)
+    target_acc = report.target_acc
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(paths)
     title = table_title(report.table, target_acc)
     notes = table_notes(report.table, report.protocol)
@@ -159,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep roots")
     parser.add_argument("--out", default=None, help="output folder (default: <first PATH>/report)")
-    parser.add_argument("--target-acc", type=float, default=DEFAULT_TARGET_ACC,
-                        help=f"test accuracy (%%) for the 'epochs to target' column (default {DEFAULT_TARGET_ACC:g}: "
-                             "the config's target_acc)")
+    parser.add_argument("--target-acc", type=float, default=None,
+                        help="test accuracy (%%) for the 'epochs to target' columns (default: the target_acc the runs' "
+                             f"configs set, else {DEFAULT_TARGET_ACC:g})")
     parser.add_argument("--select-best", choices=identity.SELECTABLE_KEYS, default=None,
                         help="keep, per setting, the base lr with the best mean validation accuracy")
     parser.add_argument("--gap", type=_norm_pair, default=length.DEFAULT_GAP, metavar="A,B",

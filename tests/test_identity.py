@@ -161,7 +161,8 @@ def test_rerunning_a_committed_preset_trains_nothing(monkeypatch):
     checked = 0
     for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
         preset = presets.get(f"results/{preset_dir.name}/runs", preset_dir.name)
-        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed"]
+        # what the preset sweeps, and what scripts/reference.py sets: lr, seed, and epochs in a length study
+        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed", "epochs"]
         composed = {}
         for path in sorted((preset_dir / "runs").glob("**/summary.json")):
             record = json.loads(path.read_text())

@@ -122,3 +122,21 @@ def test_the_length_figures_draw_each_arm_against_training_images(tmp_path):
     diffs = [line for line in gap.axes[0].get_lines() if line.get_label() == "bn − gn"]
     assert len(diffs) == 1 and list(diffs[0].get_ydata()) == pytest.approx(
         [sum(FINALS[("bn", e)]) / 3 - sum(FINALS[("gn", e)]) / 3 for e in (2, 4, 8)])
+
+
+def test_the_report_takes_its_target_from_the_runs_configs(tmp_path):
+    """Without --target-acc the "to X%" columns use the target_acc the runs were configured with (a preset's), so
+    `normbench-report runs/` rebuilds what the sweep wrote; where the runs disagree, the config default."""
+    make_length_sweep(tmp_path / "runs")
+    paths = sorted((tmp_path / "runs").glob("**/summary.json"))
+    for path in paths:
+        record = json.loads(path.read_text())
+        record["config"]["target_acc"] = 40.0
+        summary.write(path.parent, record)
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert "images to 40%" in (tmp_path / "report" / "length.md").read_text()
+    record = json.loads(paths[0].read_text())
+    record["config"]["target_acc"] = 70.0
+    summary.write(paths[0].parent, record)
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "mixed")]) == 0
+    assert f"images to {report.DEFAULT_TARGET_ACC:g}%" in (tmp_path / "mixed" / "length.md").read_text()

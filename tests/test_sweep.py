@@ -126,7 +126,8 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("preset", ["quick", "gn_fig1", "gn_fig1_cpu", "small_batch", "small_batch_cpu",
                                     "placement", "placement_cpu", "train_eval_gap", "train_eval_gap_cpu",
-                                    "remedies_cpu", "length_resnet20_cpu", "length_cnn_cpu"])
+                                    "remedies_cpu", "length_resnet20_cpu", "length_cnn_cpu", "gn_groups_cnn_cpu",
+                                    "gn_groups_resnet20_cpu"])
 def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
     from normbench.compose import compose, expand
     from normbench.models import MODELS
@@ -142,7 +143,7 @@ def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
     assert (cfg.out_dir, cfg.report_dir) in ((f"runs/{preset}", None), (f"results/{preset}/runs", f"results/{preset}"))
     for job in jobs:
         vb = job.get("norm.virtual_batch")
-        assert vb is None or int(job.get("batch_size", cfg.batch_size)) % int(vb) == 0
+        assert vb in (None, "null") or int(job.get("batch_size", cfg.batch_size)) % int(vb) == 0
     if preset.endswith("_cpu"):
         assert cfg.data.subset is not None  # reduced, but real data
 
