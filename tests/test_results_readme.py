@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "results"
 README = RESULTS / "README.md"
 PUBLISHED_HEADING = "What the published numbers say"
-GENERATED = ("table.md", "table.csv", "comparisons.md", "comparisons.csv", "findings.md")
+GENERATED = ("table.md", "table.csv", "comparisons.md", "comparisons.csv", "findings.md", "length.md", "length.csv")
 
 # A number that is not part of a name: not after a letter, digit, dot or underscore, nor after "<letter>-".
 NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:,\d{3})*(?:\.\d+)?")
