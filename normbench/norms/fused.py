@@ -10,8 +10,8 @@ eagerly. A float32 CPU input runs eagerly too, bit for bit the eager formula (ev
 of FRN, EvoNorm-S0 and LRN was trained so), except for the functions declared ``cpu_fused(float32=True)``:
 the issue-28 remedies (SwitchNorm, EvoNorm-B0, Online Norm), which no committed result trained eagerly and
 whose dozens of small operations per layer made them far slower than BN at batch 2 in float32 (eager:
-results/bench/remedies_avx2.md; fused: results/bench/remedies_fused.md). Those compute the same formula up to the order of float32 roundings
-(tests/test_fused.py checks the compiled path against the eager one).
+results/bench/remedies_avx2.md; fused: results/bench/remedies_fused.md). Those compute the same formula up
+to the order of float32 roundings (tests/test_fused.py checks the compiled path against the eager one).
 
 Compilation costs a few seconds per layer shape at a run's first steps (Inductor's on-disk cache makes
 later processes faster) and needs a C++ compiler; where it fails, the function runs eagerly from then

@@ -52,7 +52,8 @@ so none applies and virtual_batch is unused):
 var_in, var_ln, var_bn).
 
 Under bf16 autocast the statistics and the normalization are computed in float32 (on a CPU fused by
-``cpu_fused(float32=True)``, as in float32 runs) and the output is rounded once to the input's dtype; the running statistics stay float32.
+``cpu_fused(float32=True)``, as in float32 runs) and the output is rounded once to the input's dtype; the
+running statistics stay float32.
 The map is normalized in its own memory layout (a channels-last map stays one, without copies; the registry
 trains it channels-last, measured faster under bf16).
 """
