@@ -27,7 +27,8 @@ PROG = "normbench-report"
 UNKNOWN = "?"
 
 # Columns of the runs frame: where the run is, its summary fields (the config only as `setting`).
-RUN_COLUMNS = ["path", *(field for field in summary.FIELDS if field != "config"), "setting"]
+RUN_COLUMNS = ["path", *(field for field in summary.FIELDS if field != "config"), "setting",
+               "target_acc"]  # the config's target_acc (a preset's "images to X%"), not a setting
 NUMERIC_COLUMNS = list(summary.FLOAT_FIELDS)
 INTEGER_COLUMNS = list(summary.INTEGER_FIELDS)
 # The columns of metrics.csv (tracking.METRIC_COLUMNS) the curves need.
@@ -265,6 +266,8 @@ def collect_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
         row = {"path": str(run_dirs[index])}
         row.update({key: value for key, value in records[index].items() if key in RUN_COLUMNS})
         row["setting"] = _setting_id(settings[index])
+        config = records[index].get("config")
+        row["target_acc"] = config.get("target_acc") if isinstance(config, dict) else None
         rows.append(row)
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return _normalize_run_dtypes(runs)
@@ -273,12 +276,8 @@ def collect_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 def recorded_target_acc(runs: pd.DataFrame) -> float | None:
     """The target accuracy (%) the runs' configs set (``target_acc``: a preset's "images to X%"), where every run
     that records one agrees; else None."""
-    values = set()
-    for run_dir in runs["path"]:
-        config = summary.load(Path(run_dir)).get("config")
-        if isinstance(config, dict) and config.get("target_acc") is not None:
-            values.add(float(config["target_acc"]))
-    return values.pop() if len(values) == 1 else None
+    values = set(pd.to_numeric(runs["target_acc"], errors="coerce").dropna())
+    return float(values.pop()) if len(values) == 1 else None
 
 
 def _normalize_run_dtypes(runs: pd.DataFrame) -> pd.DataFrame:
