@@ -145,7 +145,10 @@ def build_optimizer_and_schedule(cfg: DictConfig, model: torch.nn.Module, total_
     """SGD at the effective lr (the base lr scaled with the global batch), and its per-step schedule."""
     optimizer = torch.optim.SGD(model.parameters(), lr=identity.effective_lr(cfg), momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
-                                weight_decay=cfg.optim.weight_decay)
+                                weight_decay=cfg.optim.weight_decay,
+                                # One multi-tensor update instead of a Python loop over parameters: the same
+                                # values bit for bit (torch's default on a GPU), a third faster on a CPU.
+                                foreach=True)
     warmup = min(int(round(cfg.sched.warmup_epochs * steps_per_epoch)), total_steps - 1)
     return optimizer, SCHEDULERS[cfg.sched.name](cfg, optimizer, total_steps, warmup)
 

@@ -548,7 +548,9 @@ def _evonorm_b0_train(xs: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, b
     (G, C)); statistics and normalization fused on a CPU, in float32 runs too (``cpu_fused(float32=True)``)."""
     x = float32_at_least(xs)
     var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
-    return _evonorm_b0(x, torch.sqrt(var + eps), v, weight, bias, eps), mean.flatten(1), var.flatten(1)
+    # The statistics go to the running ones only: detached, autograd asks no gradient of them (no zero tangents).
+    return (_evonorm_b0(x, torch.sqrt(var + eps), v, weight, bias, eps), mean.detach().flatten(1),
+            var.detach().flatten(1))
 
 
 @cpu_fused(float32=True)

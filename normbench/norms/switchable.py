@@ -123,7 +123,9 @@ def _switch_norm_train(xs: torch.Tensor, mean_weight: torch.Tensor, var_weight: 
     mean_in, var_in = _instance_stats(x)
     mean_bn, var_bn = _pooled_stats(mean_in, var_in, 1)  # (G, 1, C, 1, ...)
     out = _switch_normalize(x, mean_in, var_in, (mean_bn, var_bn), mean_weight, var_weight, weight, bias, eps)
-    return out.to(xs.dtype), mean_bn.flatten(1), var_bn.flatten(1)
+    # mu_bn, var_bn go to the running statistics only: detached, autograd asks no gradient of them (no zero
+    # tangents in the compiled backward).
+    return out.to(xs.dtype), mean_bn.detach().flatten(1), var_bn.detach().flatten(1)
 
 
 @cpu_fused(float32=True)
