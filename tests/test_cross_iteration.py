@@ -110,7 +110,7 @@ class ReferenceCBN:
 
 def _conv(seed=0, bias=False, **kwargs):
     torch.manual_seed(seed)
-    return nn.Conv2d(C_IN, C, 3, padding=1, bias=bias, **kwargs).double()
+    return nn.Conv2d(C_IN, C, 3, bias=bias, **{"padding": 1, **kwargs}).double()
 
 
 def _model(conv, **opts):
@@ -254,11 +254,14 @@ def test_the_reparam_hooks_each_conv_once_and_none_without_compensation():
         apply_weight_reparam(nn.Conv2d(4, 4, 3, groups=2), "cbn")
 
 
-@pytest.mark.parametrize("bias, stride, groups", [(False, 1, 1), (True, 2, 2)])
-def test_closed_form_derivatives_are_autograds(bias, stride, groups):
+@pytest.mark.parametrize("bias, stride, groups, geometry", [
+    (False, 1, 1, {}), (True, 2, 2, {}),
+    (False, (2, 1), 1, {"padding": (2, 0), "dilation": (2, 1)})])  # each axis its own stride, padding, dilation
+def test_closed_form_derivatives_are_autograds(bias, stride, groups, geometry):
     """The kept d mu / d(W, b) and d var / d(W, b) of each virtual batch equal torch.autograd.grad's (what the
-    reference computes), for a strided conv with a bias and two ghost groups too."""
-    conv = _conv(bias=bias, stride=stride)
+    reference computes), for a strided conv with a bias and two ghost groups too, and a dilated one with unequal
+    padding, stride and dilation per axis."""
+    conv = _conv(bias=bias, stride=stride, **geometry)
     model = _model(conv, window=2, virtual_batch=None if groups == 1 else 2)
     x = _input(0, n=2 * groups, h=7)
     model(x)

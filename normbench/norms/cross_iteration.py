@@ -14,6 +14,7 @@ input that a conv upstream produced through something else (a residual add, an i
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -354,6 +355,17 @@ def _conv_weights(conv: nn.Conv2d) -> torch.Tensor:
     return w.to(torch.promote_types(w.dtype, torch.float32))
 
 
+@functools.lru_cache(maxsize=256)
+def _tap_matrix(taps: int, size_in: int, size_out: int, stride: int, padding: int, dilation: int,
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(taps, size_in): entry (a, y) is 1 where kernel tap a reads input position y at some output position i
+    (y = i stride - padding + a dilation), else 0 (a padded position reads nothing). Cached per conv geometry:
+    read only."""
+    reads = (torch.arange(taps, device=device) * dilation).unsqueeze(1) + (
+        torch.arange(size_out, device=device) * stride - padding)  # (taps, size_out)
+    return (reads.unsqueeze(-1) == torch.arange(size_in, device=device)).sum(1).to(dtype)
+
+
 def _stat_derivatives(source: _ConvSource, folded: torch.Tensor, mean: torch.Tensor, groups: int):
     """d mu / d(W, b), (G, P), and d var / d(W, b), (G, C, P), of each group's statistics of y = conv(x, W) + b
     (``folded``: y, its groups as channels; ``mean``: their means, (G, C)): the mean input patch and the conv's
@@ -365,15 +377,16 @@ def _stat_derivatives(source: _ConvSource, folded: torch.Tensor, mean: torch.Ten
     conv_input = source.input.to(dtype)
     x = _fold(conv_input, groups)
     kernel = conv.weight.shape[1:]
-    # The mean patch, what conv2d_weight with grad_output 1/M computes: entry (c_in, a, b) sums the padded input
-    # at (i s + a d, j s + b d) over output positions (i, j), a correlation of each group's sum over its samples
-    # with an all-ones (H_out, W_out) kernel dilated by the stride s, strided by the dilation d (one small conv:
-    # at batch 128 on a CPU 20x faster than the weight-gradient kernel, which reads every sample).
-    kh, kw = kernel[1:]
-    group_sums = conv_input.unflatten(0, (groups, -1)).sum(1).flatten(0, 1).unsqueeze(1)  # (G C_in, 1, H, W)
-    box = group_sums.new_ones((1, 1, *folded.shape[2:]))
-    dmean = F.conv2d(group_sums, box, stride=conv.dilation, padding=conv.padding, dilation=conv.stride)
-    dmean = dmean[:, 0, :kh, :kw].reshape(groups, -1).div_(count)
+    # The mean patch, what conv2d_weight with grad_output 1/M computes: entry (c_in, a, b) sums the zero-padded
+    # input at (i s - p + a d, j s - p + b d) over output positions (i, j), i.e. R_a . X . C_b^T for each group's
+    # sum X over its samples, with 0/1 matrices selecting the rows (columns) that kernel row a (column b) reads:
+    # two small matrix products (at batch 128 on a CPU 20x faster than the weight-gradient kernel, which reads
+    # every sample; on one thread a third to a quarter of the time of the same sums as a correlation with an
+    # all-ones kernel at batch 2, a fifth at 64 virtual batches of 2).
+    group_sums = conv_input.unflatten(0, (groups, -1)).sum(1).flatten(0, 1)  # (G C_in, H, W)
+    rows, cols = (_tap_matrix(*args, dtype, x.device) for args in zip(
+        kernel[1:], conv_input.shape[2:], folded.shape[2:], conv.stride, conv.padding, conv.dilation))
+    dmean = torch.matmul(torch.matmul(rows, group_sums), cols.T).reshape(groups, -1).div_(count)
     centered = (folded.to(dtype) - mean.reshape(1, -1, *[1] * (folded.ndim - 2))).mul_(2.0 / count)
     dvar = torch.nn.grad.conv2d_weight(x, (groups * c, *kernel), centered, conv.stride, conv.padding, conv.dilation,
                                        groups)
