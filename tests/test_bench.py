@@ -26,10 +26,14 @@ class FakeRunner:
     def __init__(self, rates):
         self.rates = rates
 
-    def rate(self, model, norm, batch_size, settings=None, extra=()):
+    def rate(self, model, norm, batch_size, settings=None, extra=(), against=None):
         fp32 = settings is not None
-        return {"images_per_s": self.rates[model, norm, batch_size, "fp32" if fp32 else "defaults"],
-                "bf16": not fp32, "memory_format": "contiguous" if fp32 else "channels_last"}
+        rate = self.rates[model, norm, batch_size, "fp32" if fp32 else "defaults"]
+        result = {"images_per_s": rate, "window_rates": [rate], "bf16": not fp32,
+                  "memory_format": "contiguous" if fp32 else "channels_last"}
+        if against is not None:
+            result["paired"] = {against: [self.rates[model, against, batch_size, "defaults"]]}
+        return result
 
     def resolve(self, model, norm, batch_size=2):
         return True, "channels_last"
@@ -63,6 +67,28 @@ def test_norms_section_checks_the_issue_26_targets(bench):
         assert group[key].startswith("- not measured in this run:")
     assert "- gn, cnn batch 2: 0.90x (target >= 0.95x)" in lines
     assert "- bn, cnn batch 128: 2.40x (target >= 2.5x)" in lines
+
+
+def test_a_ratio_to_bn_is_taken_window_by_window_from_measurements_in_turns(bench, monkeypatch):
+    """A norm's ratio to BN comes from one measurement of the two in turns (runner_rates with both configs), as
+    the median of the per-window ratios, not as the ratio of separately taken medians."""
+    monkeypatch.setattr(bench, "runner_config", lambda args, model, norm, *rest: norm)
+    monkeypatch.setattr(bench, "resolved", lambda cfg: (False, "contiguous"))
+    windows = {"gn": [10.0, 30.0, 40.0], "bn": [20.0, 10.0, 40.0]}
+    calls = []
+
+    def fake_rates(args, cfgs):
+        calls.append(list(cfgs))
+        return [{"images_per_s": float(sorted(windows[c])[1]), "window_rates": windows[c]} for c in cfgs]
+
+    monkeypatch.setattr(bench, "runner_rates", fake_rates)
+    runner = bench.Runner(SimpleNamespace(amp="auto", memory_format="auto"), "root")
+    result = runner.rate("cnn", "gn", 2, against="bn")
+    assert calls == [["gn", "bn"]]
+    assert bench.paired_ratio(result, "bn") == 1.0  # per window 0.5, 3, 1; the medians' ratio would be 1.5
+    assert runner.rate("cnn", "gn", 2, ("amp=false", "memory_format=contiguous")) is result  # the same measurement
+    runner.rate("cnn", "bn", 2, against="bn")  # bn against itself: one config alone
+    assert calls[-1] == ["bn"]
 
 
 @slow_without_bf16_units  # --amp true
