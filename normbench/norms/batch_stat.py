@@ -55,6 +55,11 @@ def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> in
     return batch_size // virtual_batch
 
 
+
+def group_mean(t: torch.Tensor) -> torch.Tensor:
+    """(G, C) -> (C,), the mean over virtual batches (a view for one: at batch 2 every kernel call counts)."""
+    return t[0] if t.shape[0] == 1 else t.mean(0)
+
 class RunLength:
     """A layer's schedule over training (Batch Renorm's relaxation, CBN's burn-in): lengths in ``unit``, fractions
     of the run's training steps (``fraction``, the run's length set by ``set_training_length``) or absolute steps
@@ -218,9 +223,9 @@ class BatchStatNorm(nn.Module):
     def _update_running_stats(self, stats: BatchStats) -> None:
         """Move the running estimates towards this batch's statistics: the mean over groups of the
         group means and of the unbiased group variances."""
-        self.running_mean.lerp_(stats.mean.mean(0), self.momentum)
+        self.running_mean.lerp_(group_mean(stats.mean), self.momentum)
         if self.running_var is not None:
-            self.running_var.lerp_((stats.var * _bessel(stats.count)).mean(0), self.momentum)
+            self.running_var.lerp_(group_mean(stats.var * _bessel(stats.count)), self.momentum)
 
     def _scale_and_shift(self, x: torch.Tensor, xs: torch.Tensor, stats: BatchStats, scale: torch.Tensor,
                          shift: torch.Tensor, update: bool) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from normbench.norms.batch_stat import BatchStatNorm
+from normbench.norms.batch_stat import BatchStatNorm, group_mean
 from normbench.norms.fused import cpu_fused
 from normbench.norms.layers import NormConfigError, affine_only, float32_at_least, init_affine, per_channel
 from normbench.norms.weight import _autocast_off
@@ -52,6 +52,11 @@ def _input_gradient(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
 # thread: at batch 2, 32k values, eager was faster; at batch 64, 2M values, fused took half the time).
 _input_gradient_fused = cpu_fused(_input_gradient)
 FUSED_FROM = 1 << 18
+
+
+def _group_sum(t: torch.Tensor) -> torch.Tensor:
+    """(G, C) -> (C,), the sum over virtual batches (a view for one: at batch 2 every kernel call counts)."""
+    return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
 class _MovingAverageBatchNorm(torch.autograd.Function):
@@ -107,8 +112,8 @@ class _MovingAverageBatchNorm(torch.autograd.Function):
         grad_x = (_input_gradient_fused if xf.numel() >= FUSED_FROM else _input_gradient)(grad, xf, a, b)
         if not ctx.affine:
             return grad_x, None, None, None, None, None, None, None, None
-        grad_weight = (dot if r is None else dot * r).sum(0)
-        return grad_x, grad_weight, grad_sum.sum(0), None, None, None, None, None, None
+        grad_weight = _group_sum(dot if r is None else dot * r)
+        return grad_x, grad_weight, _group_sum(grad_sum), None, None, None, None, None, None
 
 
 class MovingAverageBatchNorm(BatchStatNorm):
@@ -236,7 +241,7 @@ class MovingAverageBatchNorm(BatchStatNorm):
                     r = ((chi + self.eps) / (self.running_var + self.eps)).sqrt_().clamp_(1.0 / self.r_max, self.r_max)
                 if self._recording:
                     self._record(x, groups, chi)
-                self.running_var.lerp_(chi.mean(0), self.momentum)
+                self.running_var.lerp_(group_mean(chi), self.momentum)
             psi_window = self.window_psi
             self.num_steps.add_(1)
             self._steps = step

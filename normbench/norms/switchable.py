@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from normbench.norms.batch_stat import BatchStats, BatchStatNorm
+from normbench.norms.batch_stat import BatchStats, BatchStatNorm, group_mean
 from normbench.norms.fused import cpu_fused
 from normbench.norms.layers import NormConfigError, float32_at_least, init_affine
 
@@ -203,8 +203,8 @@ class SwitchNorm(_SwitchWeights, BatchStatNorm):
     def _update_running_stats(self, stats: BatchStats) -> None:
         """Towards the mean over groups of mu_bn and of var_bn, as they are (no Bessel factor: var_bn is the
         reference's form, which its running_var holds)."""
-        self.running_mean.lerp_(stats.mean.mean(0), self.momentum)
-        self.running_var.lerp_(stats.var.mean(0), self.momentum)
+        self.running_mean.lerp_(group_mean(stats.mean), self.momentum)
+        self.running_var.lerp_(group_mean(stats.var), self.momentum)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, groups: int) -> None:
