@@ -6,7 +6,9 @@ may differ between an arm's lengths (picked at each one, or set per arm by the p
 each length the report gives the test accuracy (mean and 95% CI over seeds), the training images and
 training seconds to reach the target accuracy (from the per-epoch curves, over the seeds that reached it);
 and for chosen pairs of norms (BN against GN by default) the gap in test accuracy at each length with
-Welch's 95% CI. ``length.md`` / ``length.csv`` hold the numbers, ``length_error.png`` and
+Welch's 95% CI, and how much that gap changes from the shortest length to the longest (the length x norm
+interaction between the end lengths, ``stats.welch_of_differences``). ``length.md`` / ``length.csv`` hold
+the numbers, ``length_error.png`` and
 ``length_gap.png`` draw them (``normbench.figures``); the comparisons (``normbench.comparisons``) contrast
 each length with the shortest as they do any other setting. A report whose runs share one length has no
 length section.
@@ -78,30 +80,64 @@ def length_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _gap_arms(table: pd.DataFrame, pair: tuple[str, str]):
+    """For every arm of norm pair[0] (each of its normalization batches, in each context of the other settings):
+    (context settings, [(its row, the row of pair[1] with the same settings) at each length both ran, shortest
+    first])."""
+    context = [key for key in arm_keys(table) if key not in ("norm", "virtual_batch")]
+    for group in _groups(table, context):
+        first, second = (group[group["norm"] == norm] for norm in pair)
+        for arm in _groups(first, ["virtual_batch"]):
+            pairs = []
+            for _, a in arm.sort_values("train_images").iterrows():
+                match = second[second["train_images"] == a["train_images"]]
+                if not match.empty:
+                    pairs.append((a, match.iloc[0]))
+            if pairs:
+                yield {key: pairs[0][0][key] for key in context}, pairs
+
+
+def _seed_accs(row) -> list[float]:
+    return list(seed_values(row["seed_test_acc"]).values())
+
+
 def gap_rows(table: pd.DataFrame, pair: tuple[str, str] = DEFAULT_GAP) -> pd.DataFrame:
     """Test accuracy of norm pair[0] minus norm pair[1] at each length, for every arm of pair[0] (each of its
     normalization batches) against the arm of pair[1] with the same other settings: Welch's difference and
     95% CI over their seeds."""
-    rows = []
     if not varies(table):
         return pd.DataFrame()
-    context = [key for key in arm_keys(table) if key not in ("norm", "virtual_batch")]
+    rows = []
     show_batch = table["batch_size"].nunique() > 1
-    for group in _groups(table, context):
-        first, second = (group[group["norm"] == norm] for norm in pair)
-        for arm in _groups(first, ["virtual_batch"]):
-            for _, a in arm.sort_values("train_images").iterrows():
-                match = second[second["train_images"] == a["train_images"]]
-                if match.empty:
-                    continue
-                b = match.iloc[0]
-                diff = stats.welch(list(seed_values(a["seed_test_acc"]).values()),
-                                   list(seed_values(b["seed_test_acc"]).values()))
-                rows.append({**{key: a[key] for key in context}, "arm": arm_label(a, show_batch),
-                             "reference": arm_label(b, show_batch), "length": length_text(a),
-                             "train_images": a["train_images"],
-                             "diff": a["test_acc_mean"] - b["test_acc_mean"], "ci_low": diff.low, "ci_high": diff.high,
-                             "p": diff.p, "n_arm": diff.n_a, "n_reference": diff.n_b})
+    for context, pairs in _gap_arms(table, pair):
+        for a, b in pairs:
+            diff = stats.welch(_seed_accs(a), _seed_accs(b))
+            rows.append({**context, "arm": arm_label(a, show_batch), "reference": arm_label(b, show_batch),
+                         "length": length_text(a), "train_images": a["train_images"],
+                         "diff": a["test_acc_mean"] - b["test_acc_mean"], "ci_low": diff.low, "ci_high": diff.high,
+                         "p": diff.p, "n_arm": diff.n_a, "n_reference": diff.n_b})
+    return pd.DataFrame(rows)
+
+
+def gap_change_rows(table: pd.DataFrame, pair: tuple[str, str] = DEFAULT_GAP) -> pd.DataFrame:
+    """How much each gap of ``gap_rows`` changes from the shortest to the longest length both arms ran: the gap
+    at the longest minus the gap at the shortest, with the 95% CI and p of that difference of differences
+    (``stats.welch_of_differences``: the length x norm interaction, from the four samples' spreads)."""
+    if not varies(table):
+        return pd.DataFrame()
+    rows = []
+    show_batch = table["batch_size"].nunique() > 1
+    for context, pairs in _gap_arms(table, pair):
+        if len(pairs) < 2:
+            continue
+        (short_a, short_b), (long_a, long_b) = pairs[0], pairs[-1]
+        change = stats.welch_of_differences(_seed_accs(long_a), _seed_accs(long_b), _seed_accs(short_a),
+                                            _seed_accs(short_b))
+        rows.append({**context, "arm": arm_label(long_a, show_batch), "reference": arm_label(long_b, show_batch),
+                     "from": length_text(short_a), "to": length_text(long_a),
+                     "gap_from": short_a["test_acc_mean"] - short_b["test_acc_mean"],
+                     "gap_to": long_a["test_acc_mean"] - long_b["test_acc_mean"],
+                     "change": change.diff, "ci_low": change.low, "ci_high": change.high, "p": change.p})
     return pd.DataFrame(rows)
 
 
@@ -149,6 +185,23 @@ def length_markdown(table: pd.DataFrame, target_acc: float, protocol: str,
         })
         text += "\n" + to_markdown(gap_display, f"Test accuracy of {pair[0]} minus {pair[1]} (points) by training "
                                    "length", ["Welch's t-test per length, not adjusted for the several lengths."])
+    changes = gap_change_rows(table, pair)
+    if not changes.empty:
+        change_display = pd.DataFrame({
+            **({"model": changes["model"]} if models else {}),
+            "arm": changes["arm"], "reference": changes["reference"], "from": changes["from"], "to": changes["to"],
+            "gap from (points)": [fmt_points(d) for d in changes["gap_from"]],
+            "gap to (points)": [fmt_points(d) for d in changes["gap_to"]],
+            "change (points)": [fmt_points(d) for d in changes["change"]],
+            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(changes["ci_low"], changes["ci_high"])],
+            "p": [fmt_p(p) for p in changes["p"]],
+        })
+        text += "\n" + to_markdown(
+            change_display, f"Change of the {pair[0]} minus {pair[1]} gap from the shortest to the longest length",
+            ["The gap at the longest length minus the gap at the shortest (negative: the gap narrows with length), "
+             "a difference of differences of four independent samples: its 95% CI and two-sided p from Welch's "
+             "standard error and Welch-Satterthwaite degrees of freedom (the length x norm interaction, tested "
+             "between the two end lengths)."])
     return text
 
 

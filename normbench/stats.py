@@ -63,6 +63,30 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> 
                       len(a), len(b))
 
 
+def welch_of_differences(a: Sequence[float], b: Sequence[float], c: Sequence[float], d: Sequence[float],
+                         confidence: float = 0.95) -> Difference:
+    """(mean(a) - mean(b)) - (mean(c) - mean(d)) of four independent samples (an interaction: how much a gap
+    changes between two settings): its standard error from each sample's variance, Welch-Satterthwaite degrees
+    of freedom, a t interval and two-sided p; NaN where a sample has fewer than 2 runs or all four are constant.
+    n_a, n_b count the runs of a and c, of b and d."""
+    from scipy import stats
+
+    samples = [[float(x) for x in s] for s in (a, b, c, d)]
+    n_a, n_b = len(samples[0]) + len(samples[2]), len(samples[1]) + len(samples[3])
+    if min(len(s) for s in samples) < 2:
+        return _nan(n_a, n_b)
+    means = [sum(s) / len(s) for s in samples]
+    # the variance of each sample's mean, s^2 / n
+    shares = [sum((x - m) ** 2 for x in s) / (len(s) - 1) / len(s) for s, m in zip(samples, means)]
+    se = math.sqrt(sum(shares))
+    if se == 0:
+        return _nan(n_a, n_b)
+    df = sum(shares) ** 2 / sum(v ** 2 / (len(s) - 1) for v, s in zip(shares, samples))
+    diff = (means[0] - means[1]) - (means[2] - means[3])
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return Difference(diff, diff - half, diff + half, float(2 * stats.t.sf(abs(diff) / se, df)), n_a, n_b)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (in their order; NaN stays NaN and does not count):
     the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). It controls the chance of

@@ -4,6 +4,7 @@ target, the BN - GN gap with Welch CIs, the two length figures, and the length c
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -63,6 +64,31 @@ def test_the_gap_is_bn_minus_gn_with_welchs_ci_at_each_length(length_report):
         diff = stats.welch(FINALS[("bn", epochs)], FINALS[("gn", epochs)])
         assert f"{diff.diff:+.2f}" in text and f"[{diff.low:+.2f}, {diff.high:+.2f}]" in text
     assert {"length_error.png", "length_gap.png"} <= set(written)
+
+
+def test_the_change_of_the_gap_from_shortest_to_longest_is_tested_as_an_interaction(length_report):
+    """The gap at 8 epochs minus the gap at 2 (bn - gn), with the CI and p of that difference of differences."""
+    out, _ = length_report
+    change = stats.welch_of_differences(FINALS[("bn", 8)], FINALS[("gn", 8)], FINALS[("bn", 2)], FINALS[("gn", 2)])
+    gap = lambda e: sum(FINALS[("bn", e)]) / 3 - sum(FINALS[("gn", e)]) / 3  # noqa: E731
+    assert change.diff == pytest.approx(gap(8) - gap(2)) and change.high < 0  # it narrows, beyond the noise
+    text = (out / "length.md").read_text().split("Change of the bn minus gn gap")[1]
+    assert f"| 2 epochs | 8 epochs | {gap(2):+.2f} | {gap(8):+.2f} | {change.diff:+.2f} |" in text
+    assert f"[{change.low:+.2f}, {change.high:+.2f}]" in text
+
+
+def test_a_difference_of_differences_with_two_constant_samples_is_welchs_test_of_the_other_two():
+    """With c and d without spread the interaction's CI and p are Welch's for a and b, shifted by mean(c) - mean(d)
+    (scipy's ttest_ind: an independent check of the standard error and the degrees of freedom)."""
+    a, b = [50.0, 52.0, 51.0, 55.0], [30.0, 33.0, 31.0]
+    welch = stats.welch(a, b)
+    both = stats.welch_of_differences(a, b, [4.0, 4.0, 4.0], [1.0, 1.0])
+    assert both.diff == pytest.approx(welch.diff - 3.0)
+    assert (both.low, both.high) == pytest.approx((welch.low - 3.0, welch.high - 3.0))
+    assert both.p == pytest.approx(stats.welch([x - 3.0 for x in a], b).p)
+    swapped = stats.welch_of_differences([4.0, 4.0, 4.0], [1.0, 1.0], a, b)
+    assert swapped.diff == pytest.approx(-both.diff) and swapped.p == pytest.approx(both.p)
+    assert math.isnan(stats.welch_of_differences(a, b, [4.0], [1.0, 1.0]).p)  # a sample of one run
 
 
 def test_another_pair_for_the_gap(tmp_path):
