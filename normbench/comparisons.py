@@ -25,8 +25,8 @@ import math
 import pandas as pd
 
 from normbench import identity, stats, summary
-from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, lr_column, seed_values,
-                             table_setting_columns, to_latex, to_markdown)
+from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, lr_column, row_groups, same_value,
+                             seed_values, table_setting_columns, to_latex, to_markdown)
 
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
@@ -63,23 +63,6 @@ def _value_text(row, column: str) -> str:
     return f"{column}={EMPTY if is_missing(value) else value}"
 
 
-def _same(a, b) -> bool:
-    return (is_missing(a) and is_missing(b)) or (not is_missing(a) and not is_missing(b) and a == b)
-
-
-def _groups(table: pd.DataFrame, keys: list[str]):
-    """The table's rows grouped on `keys` (missing values equal), in table order."""
-    groups: list[list[int]] = []
-    for i in range(len(table)):
-        for group in groups:
-            if all(_same(table.iloc[group[0]][k], table.iloc[i][k]) for k in keys):
-                group.append(i)
-                break
-        else:
-            groups.append([i])
-    return groups
-
-
 class _Plan:
     """Which rows of a table are contrasted with which: (family, arm row, reference row) triples."""
 
@@ -105,7 +88,7 @@ class _Plan:
     def _lr_count(self, i: int) -> int:
         keys = self.keys_without()
         row = self.table.iloc[i]
-        return sum(all(_same(row[k], other[k]) for k in keys) for _, other in self.table.iterrows())
+        return sum(all(same_value(row[k], other[k]) for k in keys) for _, other in self.table.iterrows())
 
     def add(self, family: str, arm: int, reference: int) -> None:
         if arm != reference and self.lr_compatible(arm, reference):
@@ -113,7 +96,7 @@ class _Plan:
 
     def batches(self) -> None:
         t = self.table
-        for group in _groups(t, self.keys_without(*BATCH_COLUMNS, self.lr)):
+        for group in row_groups(t, self.keys_without(*BATCH_COLUMNS, self.lr)):
             distinct = {tuple(str(t.iloc[i][c]) for c in BATCH_COLUMNS) for i in group}
             if len(distinct) < 2:
                 continue
@@ -131,7 +114,7 @@ class _Plan:
 
     def norms(self) -> None:
         t = self.table
-        for group in _groups(t, self.keys_without("norm", "virtual_batch", "norm_batch", self.lr)):
+        for group in row_groups(t, self.keys_without("norm", "virtual_batch", "norm_batch", self.lr)):
             refs = [i for i in group if t.iloc[i]["norm"] == REFERENCE_NORM]
             for ref in refs:
                 for i in group:
@@ -148,7 +131,7 @@ class _Plan:
                 continue
             first = identity.PLACEMENTS[0] if column == "placement" and identity.PLACEMENTS[0] in values \
                 else values[0]
-            for group in _groups(t, self.keys_without(column, self.lr)):
+            for group in row_groups(t, self.keys_without(column, self.lr)):
                 refs = [i for i in group if str(t.iloc[i][column]) == first]
                 for ref in refs:
                     for i in group:

@@ -20,7 +20,8 @@ import pandas as pd
 
 from normbench import budget, stats
 from normbench.comparisons import fmt_ci, fmt_p, fmt_points
-from normbench.table import EMPTY, lr_column, seed_values, setting_keys, table_setting_columns, to_markdown
+from normbench.table import (EMPTY, lr_column, row_groups, seed_values, setting_keys, table_setting_columns,
+                             to_markdown)
 
 # The settings that hold a run's length (budget.unit says what budget.length counts).
 LENGTH_SETTINGS = ("epochs", "budget.unit", "budget.length")
@@ -58,8 +59,7 @@ def arm_label(row, show_batch: bool = True) -> str:
 
 
 def _groups(table: pd.DataFrame, keys: list[str]) -> list[pd.DataFrame]:
-    frame = table.assign(_key=[tuple(str(row[k]) for k in keys) for _, row in table.iterrows()])
-    return [group.drop(columns="_key") for _, group in frame.groupby("_key", sort=False)]
+    return [table.iloc[rows] for rows in row_groups(table, keys)]
 
 
 def length_rows(table: pd.DataFrame) -> pd.DataFrame:

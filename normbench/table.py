@@ -215,6 +215,24 @@ def is_missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
+def same_value(a, b) -> bool:
+    """Equal settings, two missing values equal."""
+    return (is_missing(a) and is_missing(b)) or (not is_missing(a) and not is_missing(b) and a == b)
+
+
+def row_groups(table: pd.DataFrame, keys: list[str]) -> list[list[int]]:
+    """The positions of the table's rows grouped on `keys` (missing values equal), in table order."""
+    groups: list[list[int]] = []
+    for i in range(len(table)):
+        for group in groups:
+            if all(same_value(table.iloc[group[0]][k], table.iloc[i][k]) for k in keys):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 def _select_best_lr(table: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
     """Keep, per setting, the base lr with the highest mean validation accuracy (over the seeds that every
     candidate lr has: _tuning_val_acc); a tie goes to the lower lr (LR_TIE_RULE). The kept row records the
