@@ -8,10 +8,9 @@ training seconds to reach the target accuracy (from the per-epoch curves, over t
 and for chosen pairs of norms (BN against GN by default) the gap in test accuracy at each length with
 Welch's 95% CI, and how much that gap changes from the shortest length to the longest (the length x norm
 interaction between the end lengths, ``stats.welch_of_differences``). ``length.md`` / ``length.csv`` hold
-the numbers, ``length_error.png`` and
-``length_gap.png`` draw them (``normbench.figures``); the comparisons (``normbench.comparisons``) contrast
-each length with the shortest as they do any other setting. A report whose runs share one length has no
-length section.
+the numbers, ``length_error.png`` and ``length_gap.png`` draw them (``normbench.figures``); the
+comparisons (``normbench.comparisons``) contrast each length with the shortest as they do any other
+setting. A report whose runs share one length has no length section.
 """
 
 from __future__ import annotations

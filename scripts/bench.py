@@ -149,18 +149,18 @@ def runner_rates(args, cfgs) -> list[dict]:
             stack.callback(run.recorder.close)
             run.data_dependent_init()
             runs.append(run)
+        images = [run.steps_per_epoch * run.cfg.batch_size for run in runs]  # per window
         rates = [[] for _ in runs]
         for _ in range(args.windows + 1):
-            for run, run_rates in zip(runs, rates):
+            for run, run_images, run_rates in zip(runs, images, rates):
                 run.train_epoch()
-                run_rates.append(run.steps_per_epoch * run.cfg.batch_size / run.epoch_seconds)
+                run_rates.append(run_images / run.epoch_seconds)
                 run.state.epoch += 1
                 run.state.batch_in_epoch = 0
     results = []
-    for run, run_rates in zip(runs, rates):
-        images = run.steps_per_epoch * run.cfg.batch_size
+    for run, run_images, run_rates in zip(runs, images, rates):
         result = {"images_per_s": float(np.median(run_rates[1:])), "window_rates": run_rates[1:],
-                  "first_window_s": images / run_rates[0], "bf16": bool(run.config["amp"]),
+                  "first_window_s": run_images / run_rates[0], "bf16": bool(run.config["amp"]),
                   "memory_format": str(run.config.get("memory_format", "contiguous"))}
         if device.type == "cuda" and len(runs) == 1:  # the peak of one run alone
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

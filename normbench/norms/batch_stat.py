@@ -55,10 +55,14 @@ def virtual_batches(norm: str, virtual_batch: int | None, batch_size: int) -> in
     return batch_size // virtual_batch
 
 
-
+# (G, C) -> (C,) over the virtual batches: a view for one, since at batch 2 every kernel call counts.
 def group_mean(t: torch.Tensor) -> torch.Tensor:
-    """(G, C) -> (C,), the mean over virtual batches (a view for one: at batch 2 every kernel call counts)."""
     return t[0] if t.shape[0] == 1 else t.mean(0)
+
+
+def group_sum(t: torch.Tensor) -> torch.Tensor:
+    return t[0] if t.shape[0] == 1 else t.sum(0)
+
 
 class RunLength:
     """A layer's schedule over training (Batch Renorm's relaxation, CBN's burn-in): lengths in ``unit``, fractions

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from normbench.norms.batch_stat import BatchStatNorm, group_mean
+from normbench.norms.batch_stat import BatchStatNorm, group_mean, group_sum
 from normbench.norms.fused import cpu_fused
 from normbench.norms.layers import NormConfigError, affine_only, float32_at_least, init_affine, per_channel
 from normbench.norms.weight import _autocast_off
@@ -52,11 +52,6 @@ def _input_gradient(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
 # thread: at batch 2, 32k values, eager was faster; at batch 64, 2M values, fused took half the time).
 _input_gradient_fused = cpu_fused(_input_gradient)
 FUSED_FROM = 1 << 18
-
-
-def _group_sum(t: torch.Tensor) -> torch.Tensor:
-    """(G, C) -> (C,), the sum over virtual batches (a view for one: at batch 2 every kernel call counts)."""
-    return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
 class _MovingAverageBatchNorm(torch.autograd.Function):
@@ -112,8 +107,8 @@ class _MovingAverageBatchNorm(torch.autograd.Function):
         grad_x = (_input_gradient_fused if xf.numel() >= FUSED_FROM else _input_gradient)(grad, xf, a, b)
         if not ctx.affine:
             return grad_x, None, None, None, None, None, None, None, None
-        grad_weight = _group_sum(dot if r is None else dot * r)
-        return grad_x, grad_weight, _group_sum(grad_sum), None, None, None, None, None, None
+        grad_weight = group_sum(dot if r is None else dot * r)
+        return grad_x, grad_weight, group_sum(grad_sum), None, None, None, None, None, None
 
 
 class MovingAverageBatchNorm(BatchStatNorm):
