@@ -274,7 +274,7 @@ def test_closed_form_derivatives_are_autograds(bias, stride, groups, geometry):
         dmean = torch.cat([t.reshape(C, -1) for t in torch.autograd.grad(mean.sum(), params, retain_graph=True)], 1)
         dvar = torch.cat([t.reshape(C, -1) for t in torch.autograd.grad(var.sum(), params)], 1)
         torch.testing.assert_close(cbn.past_dmean[0, g].expand_as(dmean), dmean)
-        torch.testing.assert_close(cbn.past_dvar[0, :, g], dvar)
+        torch.testing.assert_close(cbn.past_dvar[0, :, :, g], dvar)
         torch.testing.assert_close(cbn.past_mean[0, g], mean)
         torch.testing.assert_close(cbn.past_var[0, g], var)
 
@@ -354,7 +354,7 @@ def test_a_checkpoint_resumes_bit_for_bit():
         assert torch.equal(step(resumed, opt2, i), straight[i]), i
     for (key, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
-    assert int(resumed[1].num_stored) == 6 and resumed[1].past_dvar.shape == (2, C, 2, C_IN * 9)
+    assert int(resumed[1].num_stored) == 6 and resumed[1].past_dvar.shape == (2, C, C_IN * 9, 2)
 
 
 class _AddAfterConv(nn.Module):

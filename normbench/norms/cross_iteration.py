@@ -31,8 +31,11 @@ _PAST = {
     "past_mean": "mu of each past iteration, (R, G, C)",
     "past_var": "biased variance of each past iteration, (R, G, C)",
     "past_dmean": "d mu / d (W, b): the mean input patch, (R, G, P), the same for every output channel",
-    "past_dvar": "d var / d (W, b) = 2 E[(y - mu) patch], (R, C, G, P)",
-    "past_weight": "the conv's weights (W, b) at that iteration, (R, C, P)",
+    "past_dvar": "d var / d (W, b) = 2 E[(y - mu) patch], (R, C, P, G)",
+    # The derivatives dotted with the weights they were taken at: a shift d . (W_t - W_tau) is d . W_t minus
+    # these, which spares each step the differences W_t - W_tau of every past entry (k - 1 copies of the weights).
+    "past_mean_at": "d mu / d (W, b) . (W_tau, b_tau), (R, G, C)",
+    "past_var_at": "d var / d (W, b) . (W_tau, b_tau), (R, C, G)",
 }
 
 
@@ -176,9 +179,9 @@ class CrossIterationBatchNorm(BatchStatNorm):
     Under bf16 autocast the statistics, the derivatives and the pooling are float32, the entries float32 buffers,
     the output the input's dtype.
 
-    State across iterations (the entries, the weights they were taken at, the step count) is in buffers, so a
-    state_dict resumes exactly; the entry buffers take their shapes at the first pooled step (and from a loaded
-    state_dict). The model-wide features:
+    State across iterations (the entries, their derivatives dotted with the weights they were taken at, the step
+    count) is in buffers, so a state_dict resumes exactly; the entry buffers take their shapes at the first pooled
+    step (and from a loaded state_dict). The model-wide features:
     * ghost batches (``virtual_batch``): each of the G groups stands for one device of the paper's multi-GPU
       setting, with its own entries (statistics and derivatives; G x (k - 1) x |W| floats for d var / dW);
     * PreciseBN: the population statistics of the layer's input become the running statistics, as for BN (that
@@ -275,16 +278,11 @@ class CrossIterationBatchNorm(BatchStatNorm):
             return stats.mean, stats.var, torch.ones_like(stats.mean)
         self._check_entries(stats.mean.shape[0], weights)
         mean, var = self.past_mean[:n], self.past_var[:n]  # (n, G, C)
-        if weights is not None:
-            delta = weights - self.past_weight[:n]  # (n, C, P)
-            mean_shift = torch.bmm(self.past_dmean[:n], delta.transpose(1, 2))  # (n, G, C)
-            c, g, p = self.past_dvar.shape[1:]
-            if g == 1:  # n C dot products: one product and one sum (bmm of n C matrix-vector products: 3x slower)
-                var_shift = (self.past_dvar[:n, :, 0] * delta).sum(-1).unsqueeze(-1)  # (n, C, 1)
-            else:
-                var_shift = torch.bmm(self.past_dvar[:n].reshape(n * c, g, p), delta.reshape(n * c, p, 1))
+        if weights is not None:  # d . (W_t - W_tau) = d . W_t - d . W_tau, the second kept with the entry
+            mean_shift = torch.matmul(self.past_dmean[:n], weights.T).sub_(self.past_mean_at[:n])  # (n, G, C)
+            var_shift = _dot_weights(self.past_dvar[:n], weights).sub_(self.past_var_at[:n])  # (n, C, G)
             mean = mean + mean_shift
-            var = var + var_shift.view(n, c, g).transpose(1, 2) - mean_shift.square()
+            var = var + var_shift.transpose(1, 2) - mean_shift.square()
         valid = (var >= 0).to(mean.dtype)
         count = valid.sum(0).add_(1)
         pooled_mean = (stats.mean + (mean * valid).sum(0)) / count
@@ -309,7 +307,7 @@ class CrossIterationBatchNorm(BatchStatNorm):
         if self.past_mean.numel() == 0:
             r, like = self.window - 1, self.running_mean
             shapes = {"past_mean": (r, groups, c), "past_var": (r, groups, c), "past_dmean": (r, groups, p),
-                      "past_dvar": (r, c, groups, p), "past_weight": (r, c, p)}
+                      "past_dvar": (r, c, p, groups), "past_mean_at": (r, groups, c), "past_var_at": (r, c, groups)}
             for name, shape in shapes.items():
                 setattr(self, name, like.new_zeros(shape))
         self._check_entries(groups, weights)
@@ -319,8 +317,9 @@ class CrossIterationBatchNorm(BatchStatNorm):
         if source is not None:
             dmean, dvar = _stat_derivatives(source, folded, stats.mean, groups)
             self.past_dmean[slot] = dmean
-            self.past_dvar[slot] = dvar.transpose(0, 1)
-            self.past_weight[slot] = weights
+            self.past_dvar[slot] = dvar.permute(1, 2, 0)
+            self.past_mean_at[slot] = dmean @ weights.T
+            self.past_var_at[slot] = _dot_weights(self.past_dvar[slot], weights)
         self._count_stored()
 
     def _record_gaps(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -353,6 +352,19 @@ def _conv_weights(conv: nn.Conv2d) -> torch.Tensor:
     if conv.bias is not None:
         w = torch.cat([w, conv.bias.detach().unsqueeze(1)], 1)
     return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
+def _dot_weights(dvar: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d var / d(W, b) . (W, b) per channel and group: (n, C, P, G) or (C, P, G) with (C, P) -> (n, C, G) or
+    (C, G). Measured on this project's CPU (one thread, C = 128, P = 576, n = 7): with one group a product and a
+    sum, 5x faster than C row vectors times P x 1 matrices (bmm); with G groups bmm of the weights' row vector with
+    each P x G matrix, 3.7-4.2x faster than the earlier (C, G, P) layout's bmm at G = 4 to 64 (P x G keeps the
+    groups' entries of a weight side by side), and 2-10x faster than a product and a sum there."""
+    if dvar.shape[-1] == 1:
+        return (dvar[..., 0] * weights).sum(-1, keepdim=True)
+    p, g = dvar.shape[-2:]
+    rows = weights.expand(*dvar.shape[:-2], p).reshape(-1, 1, p)
+    return torch.bmm(rows, dvar.reshape(-1, p, g)).view(*dvar.shape[:-2], g)
 
 
 @functools.lru_cache(maxsize=256)
