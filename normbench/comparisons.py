@@ -112,9 +112,13 @@ class _Plan:
                     if size(i) != largest:
                         self.add("batch", i, ref)
 
+    def norm_groups(self) -> list[list[int]]:
+        """The rows that differ only in the norm, its normalization batch and the lr."""
+        return row_groups(self.table, self.keys_without("norm", "virtual_batch", "norm_batch", self.lr))
+
     def norms(self) -> None:
         t = self.table
-        for group in row_groups(t, self.keys_without("norm", "virtual_batch", "norm_batch", self.lr)):
+        for group in self.norm_groups():
             refs = [i for i in group if t.iloc[i]["norm"] == REFERENCE_NORM]
             for ref in refs:
                 for i in group:
@@ -137,6 +141,11 @@ class _Plan:
                     for i in group:
                         if str(t.iloc[i][column]) != first:
                             self.add(column, i, ref)
+
+
+def norm_contexts(table: pd.DataFrame) -> list[list[int]]:
+    """The positions of the rows that the norm family compares with each other (``normbench.recovery``)."""
+    return _Plan(table).norm_groups()
 
 
 def _context(row, family: str, settings: list[str], show_placement: bool) -> str:

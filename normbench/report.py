@@ -25,7 +25,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from normbench import atomic, comparisons, identity, length
+from normbench import atomic, comparisons, identity, length, recovery
 from normbench.collect import (  # noqa: F401  (the library interface of the report)
     PROG,
     CorruptRun,
@@ -132,6 +132,9 @@ def write_report(
         # A sweep over training lengths only (None otherwise).
         "length.md": length.length_markdown(report.table, target_acc, report.protocol, gap),
         "length.csv": length.length_csv(report.table),
+        # A sweep with BN at several normalization batches beside other norms only.
+        "recovery.md": recovery.recovery_markdown(report.table),
+        "recovery.csv": recovery.recovery_csv(report.table),
     }
     for name, text in texts.items():
         if text is None:

@@ -24,6 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BATCH_DEPENDENT_NORMS = {"bn", "brn"}
 FIGURE_FILES = tuple(spec.file_name for spec in FIGURES.values() if spec.always)  # the length ones: test_length.py
 GENERATED_TEXT = ("comparisons.md", "comparisons.csv", "comparisons.tex", "findings.md")
+OPTIONAL_TEXT = ("length.md", "length.csv", "recovery.md", "recovery.csv")  # a length sweep's; a small-batch sweep's
 
 
 def run_config(*, model, placement, norm, batch_size, lr, seed, epochs, virtual_batch, subset, variant,
@@ -716,6 +717,10 @@ def test_committed_tables_regenerate_exactly_from_the_committed_run_files(folder
     assert report.main([str(folder / "runs"), "--out", str(tmp_path), *select]) == 0
     for name in ("table.csv", "table.md", "table.tex", *GENERATED_TEXT):
         assert (tmp_path / name).read_text() == (folder / name).read_text(), f"{folder.name}/{name}"
+    for name in OPTIONAL_TEXT:  # each where the runs call for it, and then the same
+        assert (tmp_path / name).exists() == (folder / name).exists(), f"{folder.name}/{name}"
+        if (folder / name).exists():
+            assert (tmp_path / name).read_text() == (folder / name).read_text(), f"{folder.name}/{name}"
 
 
 def test_every_committed_table_has_its_run_files():

@@ -2,7 +2,7 @@
 
 The README is read section by section (its "## " headings): a preset's section (named by its results
 folder: quick, gn_fig1_cpu, ..., bench) against that folder's generated text (table.md / .csv,
-comparisons.md / .csv, findings.md; the bench's *.md); the part before the first section against every
+comparisons.md / .csv, findings.md, length.* and recovery.* where written; the bench's *.md); the part before the first section against every
 preset's; the yardstick section ("What the published numbers say") holds the published figures, which
 every section may quote. Numbers inside code spans (commands, paths, option values) are not claims and
 are skipped; so are digits that belong to a name (ResNet-20, bf16, CIFAR-10, fig1).
@@ -17,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "results"
 README = RESULTS / "README.md"
 PUBLISHED_HEADING = "What the published numbers say"
-GENERATED = ("table.md", "table.csv", "comparisons.md", "comparisons.csv", "findings.md", "length.md", "length.csv")
+GENERATED = ("table.md", "table.csv", "comparisons.md", "comparisons.csv", "findings.md", "length.md", "length.csv",
+             "recovery.md", "recovery.csv")
 
 # A number that is not part of a name: not after a letter, digit, dot or underscore, nor after "<letter>-".
 NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:,\d{3})*(?:\.\d+)?")
