@@ -71,16 +71,17 @@ def recovery_rows(table: pd.DataFrame) -> pd.DataFrame:
         for arm in arms:
             gain, gap = stats.welch(_accs(arm), _accs(small)), stats.welch(_accs(arm), _accs(large))
             bn_loss = small["test_acc_mean"] - large["test_acc_mean"]
+            gain_points = arm["test_acc_mean"] - small["test_acc_mean"]
             rows.append({
                 "model": arm["model"], "arm": arm_label(arm, show_batch), "arm_mean": arm["test_acc_mean"],
                 "bn_small": arm_label(small, show_batch), "bn_small_mean": small["test_acc_mean"],
                 "bn_large": arm_label(large, show_batch), "bn_large_mean": large["test_acc_mean"],
                 "bn_loss": bn_loss, "bn_loss_ci_low": loss.low, "bn_loss_ci_high": loss.high,
-                "gain": arm["test_acc_mean"] - small["test_acc_mean"], "gain_ci_low": gain.low,
+                "gain": gain_points, "gain_ci_low": gain.low,
                 "gain_ci_high": gain.high, "gain_p": gain.p,
                 "gap": arm["test_acc_mean"] - large["test_acc_mean"], "gap_ci_low": gap.low,
                 "gap_ci_high": gap.high, "gap_p": gap.p,
-                "share_recovered": (arm["test_acc_mean"] - small["test_acc_mean"]) / -bn_loss if bn_loss else float("nan"),
+                "share_recovered": gain_points / -bn_loss if bn_loss else float("nan"),
                 "n_arm": gain.n_a, "_gain": gain, "_gap": gap,
             })
     out = pd.DataFrame(rows)
