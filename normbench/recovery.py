@@ -53,12 +53,13 @@ def _contexts(table: pd.DataFrame):
             yield large, small, [row for _, row in others.iterrows()]
 
 
-def reading(gain: stats.Difference, gain_p: float, gap: stats.Difference, gap_p: float) -> str:
+def reading(gain: float, gain_p: float, gap: float, gap_p: float) -> str:
+    """The reading of an arm's gain and gap (points) from their Holm-adjusted p-values."""
     if gain_p >= ALPHA or pd.isna(gain_p):
         return NONE
-    if gain.diff < 0:
+    if gain < 0:
         return LESS
-    return PART if gap_p < ALPHA and gap.diff < 0 else ALL
+    return PART if gap_p < ALPHA and gap < 0 else ALL
 
 
 def recovery_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -68,9 +69,9 @@ def recovery_rows(table: pd.DataFrame) -> pd.DataFrame:
     show_batch = table["batch_size"].nunique() > 1
     for large, small, arms in _contexts(table):
         loss = stats.welch(_accs(small), _accs(large))
+        bn_loss = small["test_acc_mean"] - large["test_acc_mean"]
         for arm in arms:
             gain, gap = stats.welch(_accs(arm), _accs(small)), stats.welch(_accs(arm), _accs(large))
-            bn_loss = small["test_acc_mean"] - large["test_acc_mean"]
             gain_points = arm["test_acc_mean"] - small["test_acc_mean"]
             rows.append({
                 "model": arm["model"], "arm": arm_label(arm, show_batch), "arm_mean": arm["test_acc_mean"],
@@ -82,15 +83,15 @@ def recovery_rows(table: pd.DataFrame) -> pd.DataFrame:
                 "gap": arm["test_acc_mean"] - large["test_acc_mean"], "gap_ci_low": gap.low,
                 "gap_ci_high": gap.high, "gap_p": gap.p,
                 "share_recovered": gain_points / -bn_loss if bn_loss else float("nan"),
-                "n_arm": gain.n_a, "_gain": gain, "_gap": gap,
+                "n_arm": gain.n_a,
             })
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     adjusted = stats.holm([*out["gain_p"].astype(float), *out["gap_p"].astype(float)])
     out["gain_p_holm"], out["gap_p_holm"] = adjusted[:len(out)], adjusted[len(out):]
-    out["reading"] = [reading(r["_gain"], r["gain_p_holm"], r["_gap"], r["gap_p_holm"]) for _, r in out.iterrows()]
-    return out.drop(columns=["_gain", "_gap"])
+    out["reading"] = [reading(r["gain"], r["gain_p_holm"], r["gap"], r["gap_p_holm"]) for _, r in out.iterrows()]
+    return out
 
 
 def recovery_markdown(table: pd.DataFrame) -> str | None:
