@@ -4,8 +4,9 @@ The README is read section by section (its "## " headings): a preset's section (
 folder: quick, gn_fig1_cpu, ..., bench) against that folder's generated text (table.md / .csv,
 comparisons.md / .csv, findings.md, length.* and recovery.* where written; the bench's *.md); the part
 before the first section against every preset's; the yardstick section ("What the published numbers
-say") holds the published figures, which every section may quote. Numbers inside code spans (commands, paths, option values) are not claims and
-are skipped; so are digits that belong to a name (ResNet-20, bf16, CIFAR-10, fig1).
+say") holds the published figures, which every section may quote. Numbers inside code spans (commands,
+paths, option values) are not claims and are skipped; so are digits that belong to a name (ResNet-20,
+bf16, CIFAR-10, fig1).
 """
 
 from __future__ import annotations

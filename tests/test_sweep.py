@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from normbench import report
+from normbench import identity, report
 from tests.conftest import TINY_OVERRIDES, run_cli
 
 RUNS = ["cnn/bn/bs2/lr0.1/ep1/seed0", "cnn/bn/bs8/lr0.1/ep1/seed0", "cnn/gn/bs2/lr0.1/ep1/seed0", "cnn/gn/bs8/lr0.1/ep1/seed0"]
@@ -125,8 +125,7 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 
 
 # Every preset but bf16_parity_cpu, whose runs train for scripts/parity.py's table under results/bench/.
-SWEEP_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml")
-                       if p.stem != "bf16_parity_cpu")
+SWEEP_PRESETS = sorted(p.stem for p in (identity.CONF_DIR / "experiment").glob("*.yaml") if p.stem != "bf16_parity_cpu")
 
 
 @pytest.mark.parametrize("preset", SWEEP_PRESETS)
