@@ -19,6 +19,8 @@ import math
 from normbench.errors import UserError
 
 UNITS = ("epochs", "steps", "images")
+# The config keys that hold a run's length (budget.unit says what budget.length counts).
+SETTINGS = ("epochs", "budget.unit", "budget.length")
 DEFAULT_UNIT = UNITS[0]
 # The run folder's length part: ep4, steps3000, img384000.
 LABEL_PREFIX = {"epochs": "ep", "steps": "steps", "images": "img"}

@@ -4,6 +4,9 @@ written from them: a report's comparisons.md / .csv / .tex and findings.md.
 A contrast compares two rows of the table (two arms) that differ in one factor, every other setting equal:
 
 * ``batch``: within a norm, every batch / normalization batch against the largest one;
+* ``batch at equal steps`` / ``batch at equal images``: the same, between runs of different lengths that took
+  the same optimizer steps / saw the same training images (``batch`` compares equal budgets: equal images for
+  an epochs or images budget, equal steps for a steps budget; these compare the other way where a sweep ran it);
 * ``norm``: within an SGD batch, every norm against BN (a batch-independent norm against BN at each of
   BN's normalization batches there);
 * any other setting that differs between rows (placement, a differing config key): every value against
@@ -24,13 +27,15 @@ import math
 
 import pandas as pd
 
-from normbench import identity, stats, summary
+from normbench import budget, identity, stats, summary
 from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, lr_column, row_groups, same_value,
                              seed_values, table_setting_columns, to_latex, to_markdown)
 
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
 BATCH_COLUMNS = ["batch_size", "devices", "virtual_batch", "norm_batch"]
+EQUAL_STEPS, EQUAL_IMAGES = "batch at equal steps", "batch at equal images"  # the families across lengths
+BATCH_FAMILIES = ("batch", EQUAL_STEPS, EQUAL_IMAGES)
 HIGHER, LOWER, NO_DIFFERENCE = "higher", "lower", "no detectable difference"
 
 COLUMNS = ["family", "context", "arm", "reference", "arm_mean", "reference_mean", "diff", "ci_low", "ci_high", "p",
@@ -50,6 +55,20 @@ def _batch_text(row) -> str:
     return text + (f", norm batch {row['norm_batch']}" if _own_norm_batch(row) else "")
 
 
+def _batch_size(row) -> tuple:
+    """What orders batches: the normalization batch (the SGD batch where it is the same), then the global batch."""
+    global_batch = row["batch_size"] * row["devices"]
+    return (global_batch if pd.isna(row["norm_batch"]) else row["norm_batch"], global_batch)
+
+
+def _steps(row) -> float:
+    return row["train_images"] / (row["batch_size"] * row["devices"])
+
+
+def _length_text(row) -> str:
+    return f"{_steps(row):g} steps, {row['train_images']:g} images"
+
+
 def _norm_text(row) -> str:
     return f"{row['norm']} (norm batch {row['norm_batch']})" if _own_norm_batch(row) else str(row["norm"])
 
@@ -57,6 +76,8 @@ def _norm_text(row) -> str:
 def _value_text(row, column: str) -> str:
     if column == "batch":
         return _batch_text(row)
+    if column in (EQUAL_STEPS, EQUAL_IMAGES):
+        return f"{_batch_text(row)} ({_length_text(row)})"
     if column == "norm":
         return _norm_text(row)
     value = row[column]
@@ -100,17 +121,29 @@ class _Plan:
             distinct = {tuple(str(t.iloc[i][c]) for c in BATCH_COLUMNS) for i in group}
             if len(distinct) < 2:
                 continue
-
-            def size(i):
-                row = t.iloc[i]
-                global_batch = row["batch_size"] * row["devices"]
-                return (global_batch if pd.isna(row["norm_batch"]) else row["norm_batch"], global_batch)
-
-            largest = max(size(i) for i in group)
-            for ref in (i for i in group if size(i) == largest):
+            largest = max(_batch_size(t.iloc[i]) for i in group)
+            for ref in (i for i in group if _batch_size(t.iloc[i]) == largest):
                 for i in group:
-                    if size(i) != largest:
+                    if _batch_size(t.iloc[i]) != largest:
                         self.add("batch", i, ref)
+
+    def batches_across_lengths(self) -> None:
+        """A smaller batch against the largest one where the two ran different lengths (the batch family has the
+        equal budgets) but took the same optimizer steps or saw the same training images."""
+        t, lengths = self.table, [k for k in self.settings if k in budget.SETTINGS]
+        if not lengths:
+            return
+        for group in row_groups(t, self.keys_without(*BATCH_COLUMNS, *lengths, self.lr)):
+            largest = max(_batch_size(t.iloc[i]) for i in group)
+            for ref in (i for i in group if _batch_size(t.iloc[i]) == largest):
+                for i in group:
+                    a, b = t.iloc[i], t.iloc[ref]
+                    if _batch_size(a) == largest or all(same_value(a[k], b[k]) for k in lengths):
+                        continue
+                    if _steps(a) == _steps(b):
+                        self.add(EQUAL_STEPS, i, ref)
+                    elif a["train_images"] == b["train_images"]:
+                        self.add(EQUAL_IMAGES, i, ref)
 
     def norm_groups(self) -> list[list[int]]:
         """The rows that differ only in the norm, its normalization batch and the lr."""
@@ -150,12 +183,14 @@ def norm_contexts(table: pd.DataFrame) -> list[list[int]]:
 
 def _context(row, family: str, settings: list[str], show_placement: bool) -> str:
     parts = [str(row["model"])]
-    parts += [f"{k}={EMPTY if is_missing(row[k]) else row[k]}" for k in settings if k != family]
+    across_lengths = family in (EQUAL_STEPS, EQUAL_IMAGES)  # the arms' own texts say their lengths
+    parts += [f"{k}={EMPTY if is_missing(row[k]) else row[k]}" for k in settings
+              if k != family and not (across_lengths and k in budget.SETTINGS)]
     if show_placement and family != "placement":
         parts.append(f"norm {row['placement']} the ReLU")
     if family != "norm":
         parts.append(str(row["norm"]))
-    if family != "batch":
+    if family not in BATCH_FAMILIES:
         parts.append(_batch_text(row) if family != "norm" else f"batch {row['batch_size']}")
     return ", ".join(parts)
 
@@ -165,6 +200,7 @@ def compare(table: pd.DataFrame) -> pd.DataFrame:
     (COLUMNS), in the order batch, norm, other settings."""
     plan = _Plan(table)
     plan.batches()
+    plan.batches_across_lengths()
     plan.norms()
     plan.other_settings()
     show_placement = table["placement"].nunique() > 1
@@ -227,10 +263,14 @@ def comparisons_title(comparisons: pd.DataFrame) -> str:
 
 
 def comparisons_notes(comparisons: pd.DataFrame) -> list[str]:
+    families = set(comparisons["family"])
+    across = (" Where a smaller batch ran a different length from the largest: against it at equal optimizer steps "
+              "(batch at equal steps) or equal training images (batch at equal images)."
+              if families & {EQUAL_STEPS, EQUAL_IMAGES} else "")
     return [
         "Contrasts: within a norm every batch against the largest (batch); within a batch every norm against "
         "BN, a batch-independent norm against BN at each of its normalization batches (norm); any other "
-        "setting that differs against its first value (its own name).",
+        f"setting that differs against its first value (its own name).{across}",
         f"Verdict: higher / lower where the Holm-adjusted p < {ALPHA:g}, otherwise no detectable difference. "
         "Paired: the paired t-test's p where both arms ran the same seeds (the same data draws).",
     ]
@@ -275,7 +315,7 @@ def finding(row) -> str:
     if not math.isnan(row["paired_p"]):
         tests += f", {_p_clause('paired p', row['paired_p'])}"
     means = f"{row['arm_mean']:.2f}% against {row['reference_mean']:.2f}%, {row['n_arm']} and {row['n_reference']} seeds"
-    at = "at " if row["family"] == "batch" else ""
+    at = "at " if row["family"] in BATCH_FAMILIES else ""
     if row["verdict"] == NO_DIFFERENCE:
         return (f"{row['context']}: {row['arm']} against {row['reference']}: no detectable difference "
                 f"({fmt_points(row['diff'])} points; {means}; {tests}).")
@@ -283,7 +323,10 @@ def finding(row) -> str:
             f"{at}{row['reference']} ({means}; {tests}).")
 
 
-FAMILY_TITLES = {"batch": "Batch size within each norm", "norm": "Each norm against BN",
+FAMILY_TITLES = {"batch": "Batch size within each norm",
+                 EQUAL_STEPS: "Batch size within each norm at equal optimizer steps (different training images)",
+                 EQUAL_IMAGES: "Batch size within each norm at equal training images (different optimizer steps)",
+                 "norm": "Each norm against BN",
                  "placement": "Placement: the norm after the ReLU against before it"}
 
 

@@ -22,15 +22,13 @@ from normbench.comparisons import fmt_ci, fmt_p, fmt_points
 from normbench.table import (EMPTY, lr_column, row_groups, seed_values, setting_keys, table_setting_columns,
                              to_markdown)
 
-# The settings that hold a run's length (budget.unit says what budget.length counts).
-LENGTH_SETTINGS = ("epochs", "budget.unit", "budget.length")
 # The norms whose gap the report draws against the length unless told otherwise: the published question.
 DEFAULT_GAP = ("bn", "gn")
 
 
 def length_settings(table: pd.DataFrame) -> list[str]:
     """The length settings that differ between the table's runs (empty: one length)."""
-    return [key for key in table_setting_columns(table) if key in LENGTH_SETTINGS]
+    return [key for key in table_setting_columns(table) if key in budget.SETTINGS]
 
 
 def varies(table: pd.DataFrame) -> bool:
@@ -39,7 +37,7 @@ def varies(table: pd.DataFrame) -> bool:
 
 def arm_keys(table: pd.DataFrame) -> list[str]:
     """What makes an arm: the table's row keys without the length and the lr."""
-    return setting_keys([key for key in table_setting_columns(table) if key not in LENGTH_SETTINGS])
+    return setting_keys([key for key in table_setting_columns(table) if key not in budget.SETTINGS])
 
 
 def length_text(row) -> str:

@@ -14,7 +14,11 @@ then train more seeds at the chosen rate, then write the report.
 4. Lengths (--lengths 8,16,32, a length study): each arm at its pick, tuned at the preset's own
    length, trains every seed again at each of these epochs (the lr rule of the study: tuned at the
    shortest length on the validation split, kept at the longer ones).
-5. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
+5. Equal steps (--equal-steps, where the arms' batches differ): each arm that took fewer optimizer
+   steps than the most any arm took at the preset's own length trains every seed again at its pick
+   for that many steps (budget.unit=steps), so that the report compares batches at equal steps as
+   well as at the preset's equal training images (comparisons' "batch at equal steps").
+6. The report of every run of the preset, with --select-best lr: per arm the chosen lr's test
    accuracy, mean ± std and 95% CI over the seeds. Candidates are compared on seed 0 alone
    there too (the seeds every candidate has), so the report picks what step 3 trained.
 
@@ -142,6 +146,14 @@ def distinct_arms(preset: str, arms: list[list[str]], grid: list[str]) -> list[l
     return kept
 
 
+def steps_taken(run: Path) -> int | None:
+    """The optimizer steps a finished run took (None: not finished)."""
+    from normbench import summary
+
+    record = summary.read(run)
+    return record["steps_done"] if record and record["status"] in summary.FINISHED else None
+
+
 def grid_ratio(grid: list[str]) -> float | None:
     """The step of a geometric lr grid (0.05, 0.1, 0.2: 2); None for fewer than two values."""
     values = sorted(float(v) for v in grid)
@@ -213,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=None, metavar="E1,E2,...",
                         help="epochs at which every arm trains every seed again at the lr picked at the preset's "
                              "own epochs (a length study)")
+    parser.add_argument("--equal-steps", action="store_true",
+                        help="then every seed again, at its pick, of each arm that took fewer optimizer steps than the "
+                             "most any arm took, for that many steps (small and large batches at equal steps)")
     parser.add_argument("--finished", action="store_true",
                         help="only list the committable files of the preset's finished runs, one per line")
     parser.add_argument("overrides", nargs="*",
@@ -273,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         epochs = ",".join(str(e) for e in lengths)
         failed |= train([(arm, [f"lr={pick}", f"epochs={epochs}", f"seed={every_seed}"])
                          for arm, pick in zip(arms, picks) if pick])
+    if args.equal_steps:  # the arms with fewer steps, again at the most steps any arm took
+        every_seed = ",".join(str(s) for s in range(args.seeds))
+        steps = [steps_taken(run_dir(args.preset, arm, pick)) if pick else None for arm, pick in zip(arms, picks)]
+        most = max((n for n in steps if n is not None), default=None)
+        failed |= train([(arm, [f"lr={pick}", "budget.unit=steps", f"budget.length={most}", f"seed={every_seed}"])
+                         for arm, pick, n in zip(arms, picks, steps) if n is not None and n < most])
 
     from normbench.report import write_sweep_report
 

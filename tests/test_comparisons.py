@@ -120,3 +120,56 @@ def test_a_clear_lr_margin_is_not_flagged_and_held_out_seeds_are_reported(tmp_pa
     assert row["lr_margin"] == pytest.approx(10.0) and not bool(row["lr_within_noise"])
     assert row["heldout_seeds"] == "1 2" and row["test_acc_heldout_mean"] == pytest.approx(56.5)
     assert row["test_acc_mean"] == pytest.approx(57.0)
+
+
+def _sized_run(root, norm, batch_size, epochs, steps, acc, seed, **budget_config):
+    """A run at `epochs` that took `steps` optimizer steps (its training images: steps x batch), its config
+    holding `budget_config` (budget.unit / budget.length) where given."""
+    import json
+
+    from normbench import summary
+
+    run_dir = make_run(root / f"ep{epochs}-{budget_config.get('length', '')}", norm=norm, batch_size=batch_size,
+                       epochs=epochs, seed=seed, test_accs=[acc - 5, acc])
+    record = json.loads((run_dir / "summary.json").read_text())
+    record["steps_done"] = steps
+    if budget_config:
+        record["config"]["budget"] = budget_config
+    summary.write(run_dir, record)
+
+
+def test_batches_of_different_lengths_are_contrasted_at_equal_steps(tmp_path):
+    """Batch 2 for 1 epoch of 64 images takes 32 steps, as batch 32 does in 16 epochs: the batch family compares
+    it with batch 32 at 1 epoch (equal images), the equal-steps family with batch 32 at 16 epochs; batch 32's two
+    lengths are the epochs family's, and nothing else crosses lengths."""
+    accs = {("bn", 32, 1): [50.0, 51.0, 52.0], ("bn", 32, 16): [70.0, 71.0, 69.0], ("bn", 2, 1): [40.0, 42.0, 41.0],
+            ("gn", 32, 1): [45.0, 44.0, 46.0], ("gn", 32, 16): [66.0, 65.0, 67.5], ("gn", 2, 1): [44.0, 43.5, 45.0]}
+    for (norm, batch, epochs), values in accs.items():
+        for seed, acc in enumerate(values):
+            _sized_run(tmp_path, norm, batch, epochs, epochs * 64 // batch, acc, seed)
+    c = comparisons.compare(_table(tmp_path))
+    pairs = {(r.family, r.context, r.arm, r.reference) for r in c.itertuples()}
+    steps = comparisons.EQUAL_STEPS
+    assert {p for p in pairs if p[0] in comparisons.BATCH_FAMILIES} == {
+        *(("batch", f"resnet20, epochs=1, {norm}", "batch 2", "batch 32") for norm in ("bn", "gn")),
+        *((steps, f"resnet20, {norm}", "batch 2 (32 steps, 64 images)", "batch 32 (32 steps, 1024 images)")
+          for norm in ("bn", "gn"))}
+    row = c[(c["family"] == steps) & (c["context"] == "resnet20, bn")].iloc[0]
+    expected = scipy_stats.ttest_ind(accs[("bn", 2, 1)], accs[("bn", 32, 16)], equal_var=False)
+    assert row["diff"] == pytest.approx(41.0 - 70.0) and row["p"] == pytest.approx(expected.pvalue)
+    assert len(c) == 4 + 2 + 3  # the batch families, epochs 16 vs 1 per norm at batch 32, gn vs bn at each row
+    assert "(batch at equal steps)" in comparisons.comparisons_markdown(c)
+    findings = comparisons.findings_markdown(c, _table(tmp_path), report.collect_runs([tmp_path]))
+    assert "## Batch size within each norm at equal optimizer steps" in findings
+    assert "resnet20, bn: at batch 2 (32 steps, 64 images), 29.00 points lower than at batch 32 (32 steps" in findings
+
+
+def test_batches_of_step_budgets_are_contrasted_at_equal_images(tmp_path):
+    """A steps budget: batch 2 for 32 steps (64 images) against batch 32 for 2 steps (64 images), the lengths
+    differing in budget.length: the equal-images family (the batch family has equal steps)."""
+    for seed, (small, large) in enumerate([(40.0, 50.0), (41.0, 52.0), (42.0, 51.0)]):
+        _sized_run(tmp_path, "bn", 2, None, 32, small, seed, unit="steps", length=32)
+        _sized_run(tmp_path, "bn", 32, None, 2, large, seed, unit="steps", length=2)
+    c = comparisons.compare(_table(tmp_path))
+    assert [(r.family, r.arm, r.reference) for r in c.itertuples()] == [
+        (comparisons.EQUAL_IMAGES, "batch 2 (32 steps, 64 images)", "batch 32 (2 steps, 64 images)")]

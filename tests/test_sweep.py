@@ -128,6 +128,16 @@ def test_submitit_local_launcher(tiny_data, tmp_path):
 SWEEP_PRESETS = sorted(p.stem for p in (identity.CONF_DIR / "experiment").glob("*.yaml") if p.stem != "bf16_parity_cpu")
 
 
+def test_the_readme_preset_table_names_every_preset():
+    """A preset added to conf/experiment/ has its row in the README's preset table (a GPU preset and its
+    CPU variant may share one: `gn_fig1` / `gn_fig1_cpu`)."""
+    readme = (identity.CONF_DIR.parent / "README.md").read_text()
+    table = readme[readme.index("## Experiment presets"):readme.index("### Reference results")]
+    named = {name for line in table.splitlines() if line.startswith("| `") for name in
+             line.split(" | ")[0].strip("| ").replace("`", "").split(" / ")}
+    assert {p.stem for p in (identity.CONF_DIR / "experiment").glob("*.yaml")} == named
+
+
 @pytest.mark.parametrize("preset", SWEEP_PRESETS)
 def test_experiment_presets_compose_to_valid_sweeps(preset, tmp_path):
     from normbench.compose import compose, expand
@@ -241,6 +251,30 @@ def test_reference_lengths_train_every_seed_at_the_pick_of_the_shortest(tiny_dat
     with pytest.raises(SystemExit) as bad:
         reference.main(["gn_fig1_cpu", "--lengths", "2,x", *overrides])
     assert bad.value.code == 2
+
+
+def test_reference_equal_steps_trains_the_larger_batch_again_for_the_smaller_ones_steps(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    """--equal-steps: batch 8 and 2 tuned and seeded at the preset's length (1 epoch of 120 images: 15 and 60
+    steps); then batch 8's every seed again at its pick for 60 steps, batch 2 (already at 60) not again; the
+    report contrasts them at equal images (batch) and at equal steps."""
+    reference = reference_script()
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, rep = tmp_path / "runs", tmp_path / "report"
+    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=gn",
+                 "norm.virtual_batch=null", "batch_size=8,2", "lr=0.1,0.3", "data.subset=null",
+                 "data.test_subset=null", "data.val_split=40"]
+    assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "0", "--equal-steps", *overrides]) == 0
+    runs = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("summary.json")}
+    table = pd.read_csv(rep / "table.csv")
+    pick = table[(table["batch_size"] == 8) & (table["budget"] == "ep1")]["lr_selected"].iloc[0]
+    again = sorted(r for r in runs if "/steps" in r)
+    assert again == [f"cnn/gn/bs8/lr{pick:g}/steps60/seed{s}" for s in (0, 1)]
+    assert all(runs[r]["steps_done"] == 60 for r in again)
+    assert len(runs) == 2 * (2 + 1) + 2  # per batch: 2 lrs at seed 0, seed 1 at the pick; batch 8's 2 seeds again
+    contrasts = pd.read_csv(rep / "comparisons.csv")
+    assert sorted(contrasts[contrasts["family"].str.startswith("batch")]["family"]) == ["batch", "batch at equal steps"]
 
 
 @pytest.mark.parametrize("args, fragment", [
