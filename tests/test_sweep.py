@@ -191,16 +191,21 @@ def reference_script():
     return importlib.import_module("reference")
 
 
+def reference_setup(tiny_data, tmp_path, monkeypatch, *sweep: str):
+    """scripts/reference.py, its run and report folders, and the tiny overrides of a gn_fig1_cpu protocol over
+    `sweep` (its norms and batches) with a two-lr grid."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, rep = tmp_path / "runs", tmp_path / "report"
+    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", *sweep,
+                 "lr=0.1,0.3", "data.subset=null", "data.test_subset=null", "data.val_split=40"]
+    return reference_script(), out, rep, overrides
+
+
 def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_data, tmp_path, monkeypatch, capsys):
     """scripts/reference.py: the preset's lr grid at seed 0, one more seed at each arm's pick
     (by validation accuracy), the report over both seeds."""
-    reference = reference_script()
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out, rep = tmp_path / "runs", tmp_path / "report"
-    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=bn,gn",
-                 "norm.virtual_batch=2", "lr=0.1,0.3", "data.subset=null", "data.test_subset=null",
-                 "data.val_split=40", "gap_every=1"]
+    reference, out, rep, overrides = reference_setup(tiny_data, tmp_path, monkeypatch, "norm=bn,gn",
+                                                     "norm.virtual_batch=2", "gap_every=1")
 
     assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "1", *overrides]) == 0
 
@@ -232,13 +237,8 @@ def test_reference_protocol_tunes_on_seed_0_then_adds_seeds_at_the_pick(tiny_dat
 def test_reference_lengths_train_every_seed_at_the_pick_of_the_shortest(tiny_data, tmp_path, monkeypatch):
     """--lengths 2: tuned at the preset's epochs (1 here), each arm's every seed again at 2 epochs at its pick
     and at no other lr; the report then has a length section."""
-    reference = reference_script()
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out, rep = tmp_path / "runs", tmp_path / "report"
-    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=bn,gn",
-                 "norm.virtual_batch=2", "lr=0.1,0.3", "data.subset=null", "data.test_subset=null",
-                 "data.val_split=40"]
+    reference, out, rep, overrides = reference_setup(tiny_data, tmp_path, monkeypatch, "norm=bn,gn",
+                                                     "norm.virtual_batch=2")
     assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "0", "--lengths", "2", *overrides]) == 0
     runs = {p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json")}
     table = pd.read_csv(rep / "table.csv")
@@ -258,13 +258,8 @@ def test_reference_equal_steps_trains_the_larger_batch_again_for_the_smaller_one
     """--equal-steps: batch 8 and 2 tuned and seeded at the preset's length (1 epoch of 120 images: 15 and 60
     steps); then batch 8's every seed again at its pick for 60 steps, batch 2 (already at 60) not again; the
     report contrasts them at equal images (batch) and at equal steps."""
-    reference = reference_script()
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out, rep = tmp_path / "runs", tmp_path / "report"
-    overrides = [*TINY_OVERRIDES, f"data.root={tiny_data}", f"out_dir={out}", f"report_dir={rep}", "norm=gn",
-                 "norm.virtual_batch=null", "batch_size=8,2", "lr=0.1,0.3", "data.subset=null",
-                 "data.test_subset=null", "data.val_split=40"]
+    reference, out, rep, overrides = reference_setup(tiny_data, tmp_path, monkeypatch, "norm=gn",
+                                                     "norm.virtual_batch=null", "batch_size=8,2")
     assert reference.main(["gn_fig1_cpu", "--seeds", "2", "--extend", "0", "--equal-steps", *overrides]) == 0
     runs = {p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("summary.json")}
     table = pd.read_csv(rep / "table.csv")
