@@ -34,8 +34,9 @@ from normbench.table import (CHANCE_ACC, EMPTY, is_missing, lr_at_edge, lr_colum
 ALPHA = 0.05
 REFERENCE_NORM = "bn"
 BATCH_COLUMNS = ["batch_size", "devices", "virtual_batch", "norm_batch"]
-EQUAL_STEPS, EQUAL_IMAGES = "batch at equal steps", "batch at equal images"  # the families across lengths
-BATCH_FAMILIES = ("batch", EQUAL_STEPS, EQUAL_IMAGES)
+EQUAL_STEPS, EQUAL_IMAGES = "batch at equal steps", "batch at equal images"
+ACROSS_LENGTHS = (EQUAL_STEPS, EQUAL_IMAGES)  # the batch families between runs of different lengths
+BATCH_FAMILIES = ("batch", *ACROSS_LENGTHS)
 HIGHER, LOWER, NO_DIFFERENCE = "higher", "lower", "no detectable difference"
 
 COLUMNS = ["family", "context", "arm", "reference", "arm_mean", "reference_mean", "diff", "ci_low", "ci_high", "p",
@@ -76,7 +77,7 @@ def _norm_text(row) -> str:
 def _value_text(row, column: str) -> str:
     if column == "batch":
         return _batch_text(row)
-    if column in (EQUAL_STEPS, EQUAL_IMAGES):
+    if column in ACROSS_LENGTHS:
         return f"{_batch_text(row)} ({_length_text(row)})"
     if column == "norm":
         return _norm_text(row)
@@ -183,7 +184,7 @@ def norm_contexts(table: pd.DataFrame) -> list[list[int]]:
 
 def _context(row, family: str, settings: list[str], show_placement: bool) -> str:
     parts = [str(row["model"])]
-    across_lengths = family in (EQUAL_STEPS, EQUAL_IMAGES)  # the arms' own texts say their lengths
+    across_lengths = family in ACROSS_LENGTHS  # the arms' own texts say their lengths
     parts += [f"{k}={EMPTY if is_missing(row[k]) else row[k]}" for k in settings
               if k != family and not (across_lengths and k in budget.SETTINGS)]
     if show_placement and family != "placement":
@@ -266,7 +267,7 @@ def comparisons_notes(comparisons: pd.DataFrame) -> list[str]:
     families = set(comparisons["family"])
     across = (" Where a smaller batch ran a different length from the largest: against it at equal optimizer steps "
               "(batch at equal steps) or equal training images (batch at equal images)."
-              if families & {EQUAL_STEPS, EQUAL_IMAGES} else "")
+              if families & set(ACROSS_LENGTHS) else "")
     return [
         "Contrasts: within a norm every batch against the largest (batch); within a batch every norm against "
         "BN, a batch-independent norm against BN at each of its normalization batches (norm); any other "

@@ -283,13 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     more_seeds = ",".join(str(s) for s in range(1, args.seeds))
     if more_seeds:
         failed |= train([(arm, [f"lr={pick}", f"seed={more_seeds}"]) for arm, pick in zip(arms, picks) if pick])
+    every_seed = ",".join(str(s) for s in range(args.seeds))
     if args.lengths is not None:  # the longer lengths at the picks, every seed
-        every_seed = ",".join(str(s) for s in range(args.seeds))
         epochs = ",".join(str(e) for e in lengths)
         failed |= train([(arm, [f"lr={pick}", f"epochs={epochs}", f"seed={every_seed}"])
                          for arm, pick in zip(arms, picks) if pick])
     if args.equal_steps:  # the arms with fewer steps, again at the most steps any arm took
-        every_seed = ",".join(str(s) for s in range(args.seeds))
         steps = [steps_taken(run_dir(args.preset, arm, pick)) if pick else None for arm, pick in zip(arms, picks)]
         most = max((n for n in steps if n is not None), default=None)
         failed |= train([(arm, [f"lr={pick}", "budget.unit=steps", f"budget.length={most}", f"seed={every_seed}"])
