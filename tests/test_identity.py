@@ -138,8 +138,13 @@ def _cli_value(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+_ABSENT = object()  # a key a record's config does not hold (a run from before its option existed)
+
+
 def _dotted(tree: dict, key: str):
     for part in key.split("."):
+        if part not in tree:
+            return _ABSENT
         tree = tree[part]
     return tree["name"] if isinstance(tree, dict) else tree
 
@@ -153,7 +158,7 @@ def test_rerunning_a_committed_preset_trains_nothing(monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from normbench import device
+    from normbench import budget, device
     from normbench.compose import compose
 
     monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: True)
@@ -165,12 +170,15 @@ def test_rerunning_a_committed_preset_trains_nothing(monkeypatch):
     checked = 0
     for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
         preset = presets.get(f"results/{preset_dir.name}/runs", preset_dir.name)
-        # what the preset sweeps, and what scripts/reference.py sets: lr, seed, and epochs in a length study
-        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed", "epochs"]
+        # what the preset sweeps, and what scripts/reference.py sets: lr, seed, and the length settings in a
+        # length study (epochs) or an equal-steps one (budget.unit, budget.length)
+        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed", *budget.SETTINGS]
         composed = {}
         for path in sorted((preset_dir / "runs").glob("**/summary.json")):
             record = json.loads(path.read_text())
-            values = {key: _dotted(record["config"], key) for key in swept}
+            values = {key: value for key in swept if (value := _dotted(record["config"], key)) is not _ABSENT}
+            if values.get("budget.unit", budget.DEFAULT_UNIT) != "epochs":
+                del values["epochs"]  # recorded as null, unused: the composed run keeps the preset's
             choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
             if choices not in composed:
                 composed[choices] = compose([f"experiment={preset}", *choices], hydra_node=False)
