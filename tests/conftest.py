@@ -103,6 +103,26 @@ TINY_OVERRIDES = ["model=cnn", "epochs=1", "batch_size=8", "data.eval_batch_size
                   "stat_gap_every=4", "sched.warmup_epochs=0.5", "amp=false"]
 
 
+def assert_same_forward_backward(layer, reference, x: torch.Tensor, upstream: torch.Tensor):
+    """``layer`` and ``reference`` (x -> (output, *rest)) on two copies of ``x``: the same output, and the same
+    input gradient for the gradient ``upstream``; ``layer``'s parameters and the reference's hold their own
+    gradients for the caller to compare (``assert_same_parameter_gradients``). Returns ``rest``."""
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(x_ours)
+    expected, *rest = reference(x_ref)
+    torch.testing.assert_close(out, expected)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    return rest
+
+
+def assert_same_parameter_gradients(layer, reference_params: dict) -> None:
+    """Each named parameter of ``layer`` has the gradient of the reference's parameter of that name."""
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, reference_params[name].grad, msg=name)
+
+
 def compose_cfg(data_root: Path, out_dir: Path, overrides: list[str] = ()):
     """The real composed config (with HydraConfig set, as in a real run), shrunk for tests."""
     return compose([*TINY_OVERRIDES, f"data.root={data_root}", f"out_dir={out_dir}", *overrides], hydra_node=False)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from normbench.norms import build_norm
+from tests.conftest import assert_same_forward_backward, assert_same_parameter_gradients
 
 torch.set_num_threads(1)
 
@@ -56,16 +57,11 @@ def test_evonorm_b0_trains_and_evaluates_as_timms_formula(eps, momentum, batch):
     for step in range(3):
         x = (torch.randn(batch, 6, 5, 4, dtype=torch.double, generator=torch.Generator().manual_seed(step)) * 2 + 0.5)
         upstream = torch.randn_like(x)
-        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out = layer(x_ours)
-        expected, running_var = timm_evonorm_b0(x_ref, running_var, ref["weight"], ref["bias"], ref["v"], momentum,
-                                                eps, training=True)
-        torch.testing.assert_close(out, expected)
-        out.backward(upstream)
-        expected.backward(upstream)
-        torch.testing.assert_close(x_ours.grad, x_ref.grad)
+        running_var, = assert_same_forward_backward(
+            layer, lambda x_ref: timm_evonorm_b0(x_ref, running_var, ref["weight"], ref["bias"], ref["v"], momentum,
+                                                 eps, training=True), x, upstream)
+        assert_same_parameter_gradients(layer, ref)
         for name, p in layer.named_parameters():
-            torch.testing.assert_close(p.grad, ref[name].grad, msg=name)
             p.grad = ref[name].grad = None
         torch.testing.assert_close(layer.running_var, running_var)
     layer.eval()

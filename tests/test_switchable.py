@@ -24,6 +24,7 @@ from normbench.norms import (
 )
 from normbench.norms.batch_stat import BatchStatNorm
 from normbench.norms.switchable import SwitchNorm, SwitchNormPerSample
+from tests.conftest import assert_same_forward_backward, assert_same_parameter_gradients
 
 torch.set_num_threads(1)
 
@@ -109,15 +110,10 @@ def test_switchnorm_trains_and_evaluates_as_the_reference(statistics, batch, eps
     for step in range(3):
         x = _input(batch, step)
         upstream = torch.randn_like(x)
-        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out = layer(x_ours)
-        expected, running, ref = _reference(layer, x_ref, running, True, using_bn, momentum, eps)
-        torch.testing.assert_close(out, expected)
-        out.backward(upstream)
-        expected.backward(upstream)
-        torch.testing.assert_close(x_ours.grad, x_ref.grad)
-        for name, p in layer.named_parameters():
-            torch.testing.assert_close(p.grad, ref[name].grad, msg=name)
+        running, ref = assert_same_forward_backward(
+            layer, lambda x_ref: _reference(layer, x_ref, running, True, using_bn, momentum, eps), x, upstream)
+        assert_same_parameter_gradients(layer, ref)
+        for p in layer.parameters():
             with torch.no_grad():  # an SGD step, so that later steps see other switch weights
                 p.sub_(0.1 * p.grad)
             p.grad = None
@@ -219,15 +215,8 @@ def test_frozen_tail_normalizes_with_the_running_statistics_and_trains_the_switc
     freeze_batch_stats(layer)
     x = _input(4, 5)
     upstream = torch.randn_like(x)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = layer(x_ours)
-    expected, _, ref = _reference(layer, x_ref, running, False)
-    torch.testing.assert_close(out, expected)
-    out.backward(upstream)
-    expected.backward(upstream)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad)
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad, ref[name].grad, msg=name)
+    _, ref = assert_same_forward_backward(layer, lambda x_ref: _reference(layer, x_ref, running, False), x, upstream)
+    assert_same_parameter_gradients(layer, ref)
     assert layer.mean_weight.grad[2].abs() > 0
     assert torch.equal(layer.running_mean, running[0].flatten()) and torch.equal(layer.running_var,
                                                                                  running[1].flatten())
