@@ -114,6 +114,7 @@ def build_model(cfg: DictConfig, device: torch.device, total_steps: int, memory_
     if uses_compile(cfg.compile, device.type):
         # The training forward only (evaluation stays eager: it runs a few times per run); the
         # parameters and buffers are the model's, so checkpoints and evaluation see the same state.
+        norms.before_compile()
         train_model = torch.compile(train_model)
     if cfg.norm.get("sync") and distributed.world_size() == 1:
         log("warning: norm.sync=true in a single process: statistics are this process's batch, as without sync")

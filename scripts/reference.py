@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from normbench import validate
@@ -47,7 +46,7 @@ from normbench.compose import expand
 from normbench.errors import UserError
 
 SWEPT_PER_ARM = ("lr", "seed")  # what varies inside one arm: the tuned rate and the seeds
-POLL_S = 1.0  # how often run_launches looks for a finished launch while waiting for a free slot
+POLL_S = 1.0  # how often run_launches looks for any finished launch while waiting for a free slot
 
 
 def start_normbench(*args: str) -> subprocess.Popen:
@@ -77,7 +76,10 @@ def run_launches(launches: list[list[str]], slots: int) -> bool:
     sized = sorted(((min(len(expand(args)), slots), args) for args in launches), key=lambda item: -item[0])
     for size, args in sized:
         while running and sum(jobs for _, jobs in running) + size > slots:
-            time.sleep(POLL_S)
+            try:  # back at once when the oldest ends (each launch starts a new process: seconds in the tests)
+                running[0][0].wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
             for process, jobs in [r for r in running if r[0].poll() is not None]:
                 failed |= process.returncode != 0
                 running.remove((process, jobs))

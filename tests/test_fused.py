@@ -78,3 +78,44 @@ def test_the_compiled_float32_path_computes_what_the_eager_one_does(monkeypatch,
     for compiled_step, eager_step in zip(results[True], results[False]):
         for a, b in zip(compiled_step, eager_step):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item() + 1e-7)
+
+
+COMPILE_DISABLED_SCRIPT = """
+import sys, torch
+import normbench.norms as norms
+from normbench.norms.fused import compile_disabled
+assert "torch._dynamo" not in sys.modules, "importing the norms loaded torch._dynamo"
+seen = []
+
+@compile_disabled
+def host_side(x):
+    seen.append(torch.compiler.is_compiling())
+    return x + 1
+
+x = torch.ones(3)
+host_side(x)  # before anything compiles: the function as it is
+assert "torch._dynamo" not in sys.modules and seen == [False]
+layer = norms.build_norm("brn", 4)  # its step count is compile_disabled
+norms.set_training_length(layer, 100)
+if sys.argv[1] == "prepared":
+    norms.before_compile()
+model = torch.compile(lambda t: host_side(layer(t)), backend="eager")
+for _ in range(3):
+    model(torch.randn(2, 4, 3, 3))
+assert seen == [False] * 4, seen  # never traced, compiled call or not
+assert layer._steps == 3 and int(layer.num_steps) == 3
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("when", ["prepared", "inside the first trace"])
+def test_compile_disabled_keeps_functions_out_of_graphs_without_loading_dynamo_before(when):
+    """compile_disabled: importing the norms does not load torch._dynamo (1.2 s of every command's start); once
+    something compiles, the decorated host-side code still runs eagerly, whether before_compile disabled it
+    first or its first call inside a trace does."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_DISABLED_SCRIPT, when], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -15,11 +15,13 @@ The package, module by module:
   ``BatchStatNorm``, and the virtual-batch rule;
 * ``cross_rank``: statistics over the ranks of a data-parallel run (sync);
 * ``modes``: the model-wide modes over the batch-statistics layers;
-* ``weight``: the weight reparametrizations (wn, sn, gn_ws) and data-dependent init.
+* ``weight``: the weight reparametrizations (wn, sn, gn_ws) and data-dependent init;
+* ``fused``: what torch.compile does with the layers (``cpu_fused`` kernels, ``before_compile``).
 
 This module's ``__all__`` is the package's public interface (the submodules declare none).
 """
 
+from normbench.norms.fused import before_compile
 from normbench.norms.layers import NormConfigError
 from normbench.norms.modes import (
     batch_stat_gaps,
@@ -60,4 +62,5 @@ __all__ = [
     "freeze_batch_stats",
     "recording_batch_stats",
     "batch_stat_gaps",
+    "before_compile",
 ]

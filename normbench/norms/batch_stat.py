@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normbench.norms.cross_rank import combine_over_ranks, data_parallel_world, sync_batch_norm_cuda
-from normbench.norms.fused import cpu_fused, is_low_precision
+from normbench.norms.fused import compile_disabled, cpu_fused, is_low_precision
 from normbench.norms.layers import NormConfigError, affine_only, float32_at_least, init_affine, per_channel
 
 
@@ -481,12 +481,12 @@ class BatchRenorm(BatchStatNorm):
 
     # The step count and the limits it sets live on the host (a Python int read every forward): kept out
     # of torch.compile's graphs, which would otherwise be specialized on it and recompiled every step.
-    @torch.compiler.disable
+    @compile_disabled
     def _count_step(self) -> None:
         self.num_steps.add_(1)
         self._steps += 1
 
-    @torch.compiler.disable
+    @compile_disabled
     @torch.no_grad()
     def _corrections(self, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:
         """r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), (G, C),

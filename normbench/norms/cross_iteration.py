@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normbench.norms.batch_stat import BatchStatNorm, BatchStats, RunLength
+from normbench.norms.fused import compile_disabled
 from normbench.norms.layers import NormConfigError, init_affine
 
 _SOURCE = "_cbn_source"  # the attribute a hooked conv sets on its training-mode output
@@ -45,7 +46,7 @@ class _ConvSource(NamedTuple):
     version: int  # the output's version counter when the conv returned it (an in-place op changes it)
 
 
-@torch.compiler.disable
+@compile_disabled
 def _remember_input(conv: nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
     if conv.training:  # only training forwards pool statistics
         setattr(output, _SOURCE, _ConvSource(conv, args[0], output._version))
@@ -173,7 +174,7 @@ class CrossIterationBatchNorm(BatchStatNorm):
     another operation (the pre-activation ResNet's norms after a residual add, the CNN's placement=after with its
     in-place ReLU) is refused with NormConfigError (under no_grad only the in-place case can be seen); an input
     no conv produced (a standalone layer) has nothing upstream to compensate. The hook and this forward are
-    excluded from torch.compile (``torch.compiler.disable``: a graph break around each conv-norm pair; checked on a
+    excluded from torch.compile (``compile_disabled``: a graph break around each conv-norm pair; checked on a
     CPU: the compiled model computes what the eager one does and refuses the same placements).
 
     Under bf16 autocast the statistics, the derivatives and the pooling are float32, the entries float32 buffers,
@@ -220,7 +221,7 @@ class CrossIterationBatchNorm(BatchStatNorm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._steps, self._stored = int(self.num_steps), int(self.num_stored)
 
-    @torch.compiler.disable
+    @compile_disabled
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
 
@@ -330,12 +331,12 @@ class CrossIterationBatchNorm(BatchStatNorm):
                               ((var + self.eps).log() - (self.running_var + self.eps).log()).abs().mean())
 
     # The counters live on the host as well (read every forward): kept out of torch.compile's graphs.
-    @torch.compiler.disable
+    @compile_disabled
     def _count_step(self) -> None:
         self.num_steps.add_(1)
         self._steps += 1
 
-    @torch.compiler.disable
+    @compile_disabled
     def _count_stored(self) -> None:
         self.num_stored.add_(1)
         self._stored += 1

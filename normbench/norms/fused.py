@@ -19,6 +19,9 @@ on, after a one-line warning. Shapes are static (measured: dynamic shapes made E
 slower), so every layer shape, batch size and constant is its own graph: the recompile limit is raised
 to ``RECOMPILE_LIMIT``. The test suite sets ``NORMBENCH_EAGER_FLOAT32=1`` (``FUSE_FLOAT32`` false): compiling
 each of its hundreds of float32 layer shapes would take most of its time.
+
+``compile_disabled`` is this project's ``torch.compiler.disable`` (the host-side parts of layers that
+torch.compile must leave out of its graphs), applied when something can compile.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -86,3 +90,39 @@ def cpu_fused(fn: Callable[..., torch.Tensor] | None = None, *, float32: bool = 
 
     call.fuses_float32 = float32  # the declaration, for tests/test_fused.py
     return call
+
+
+# Every compile_disabled function not yet disabled: what before_compile disables.
+_NOT_YET_DISABLED: list[Callable[[], Callable]] = []
+
+
+def compile_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, applied once torch._dynamo is loaded: that decorator imports torch._dynamo
+    (measured: 1.2 of the 4.2 s a bad option takes to be refused), which nothing needs before something compiles.
+    Until then ``fn`` runs as it is (nothing can be tracing it); ``before_compile`` disables every such function
+    before a trace starts (``torch.compile`` of something else first: the first call inside a trace disables it
+    there, at one extra graph break)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.disable(fn)
+    disabled: Callable | None = None
+
+    def disable() -> Callable:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if disabled is None and "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        return disable()(*args, **kwargs)
+
+    _NOT_YET_DISABLED.append(disable)
+    return call
+
+
+def before_compile() -> None:
+    """Disable every ``compile_disabled`` function now, outside any trace (called before torch.compile)."""
+    while _NOT_YET_DISABLED:
+        _NOT_YET_DISABLED.pop()()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from normbench.norms.batch_stat import BatchStatNorm, group_mean, group_sum
-from normbench.norms.fused import cpu_fused
+from normbench.norms.fused import compile_disabled, cpu_fused
 from normbench.norms.layers import NormConfigError, affine_only, float32_at_least, init_affine, per_channel
 from normbench.norms.weight import _autocast_off
 
@@ -218,7 +218,7 @@ class MovingAverageBatchNorm(BatchStatNorm):
 
     # The step count and what it selects live on the host: kept out of torch.compile's graphs, which would
     # otherwise be specialized on it and recompiled every step.
-    @torch.compiler.disable
+    @compile_disabled
     def _train_forward(self, x: torch.Tensor, groups: int, update: bool) -> torch.Tensor:
         xf = _fold(x, groups)
         chi = self._second_moment(xf).view(groups, -1)
