@@ -266,11 +266,15 @@ def pure_rate(args, model_name: str, norm: str, batch_size: int, use_amp: bool, 
     torch.manual_seed(0)
     layout = torch_memory_format(memory_format)
     model = build_model(model_name, norm).to(device, memory_format=layout).train()
-    norms.set_training_length(model, 1_000_000)  # as the runner does (BRN's relax schedule needs the run's length)
+    windows = args.windows if windows is None else windows
+    # A run as long as the measurement, as the runner's measurement is (epochs = windows + 1): the schedules over
+    # the run are where such a run has them (BRN's relaxation; CBN's burn-in, a quarter of it, ends with the
+    # untimed window at 3 windows, where a length of 10^6 steps kept CBN plain BN throughout).
+    norms.set_training_length(model, args.window_steps(batch_size) * (windows + 1))
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,), device=device)
     return time_steps(make_step(model, device, use_amp), itertools.repeat((x, y)), device,
-                      args.window_steps(batch_size), args.windows if windows is None else windows)
+                      args.window_steps(batch_size), windows)
 
 
 def dataloader_rate(args, model_name: str, norm: str, batch_size: int, use_amp: bool,

@@ -146,3 +146,16 @@ def test_format_verdict_names_the_faster_format_and_checks_the_registry(bench):
     disagree = bench.format_verdict({"resnet20": 0.40, "cnn": 1.20}, "channels_last")
     assert disagree.startswith("the models disagree") and "(geometric mean 0.69x) contiguous is faster" in disagree
     assert disagree.endswith("the registry says channels_last: DISAGREES")
+
+
+def test_pure_compute_runs_a_run_as_long_as_the_measurement(bench, monkeypatch):
+    """pure_rate's model has the training length of its steps, as the runner's measurement has: CBN's burn-in (a
+    quarter of the run) ends with the untimed window, so the timed steps pool statistics (a length of 10^6 steps
+    kept CBN plain BN in every pure-compute figure)."""
+    built, build = [], bench.build_model
+    monkeypatch.setattr(bench, "build_model", lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1])
+    args = SimpleNamespace(device="cpu", windows=3, window_steps=lambda batch_size: 4)
+    assert bench.pure_rate(args, "cnn", "cbn", 2, False) > 0
+    layers = [m for m in built[0].modules() if type(m).__name__ == "CrossIterationBatchNorm"]
+    assert layers and all(layer._steps == 16 for layer in layers)
+    assert all(layer._stored == 12 for layer in layers)  # the 3 timed windows of 4 steps, after a burn-in of 4
