@@ -149,7 +149,12 @@ def _dotted(tree: dict, key: str):
     return tree["name"] if isinstance(tree, dict) else tree
 
 
-def test_rerunning_a_committed_preset_trains_nothing(monkeypatch):
+COMMITTED_RESULTS = identity.CONF_DIR.parent / "results"
+
+
+# One test per results folder with runs, so that the workers share them (together they take the longest).
+@pytest.mark.parametrize("folder", sorted(p.name for p in COMMITTED_RESULTS.iterdir() if (p / "runs").is_dir()))
+def test_rerunning_a_committed_preset_trains_nothing(monkeypatch, folder):
     """Each committed run, composed again from its preset and its own sweep values, lands in its own
     folder with its own fingerprint: `normbench experiment=<preset>` (and scripts/reference.py) skip it.
     On a machine like the one they were trained on: an AMX CPU, where amp=auto means bf16 (elsewhere auto
@@ -163,34 +168,33 @@ def test_rerunning_a_committed_preset_trains_nothing(monkeypatch):
 
     monkeypatch.setattr(device, "cpu_has_bf16_matrix_units", lambda: True)
 
-    results = identity.CONF_DIR.parent / "results"
     # A results folder is its preset's out_dir (results/bench/runs: bf16_parity_cpu), else the preset of its
     # name (results/quick/runs: a copy of quick's runs/quick).
     presets = {OmegaConf.load(p).get("out_dir"): p.stem for p in (identity.CONF_DIR / "experiment").glob("*.yaml")}
     checked = 0
-    for preset_dir in sorted(p for p in results.iterdir() if (p / "runs").is_dir()):
-        preset = presets.get(f"results/{preset_dir.name}/runs", preset_dir.name)
-        # what the preset sweeps, and what scripts/reference.py sets: lr, seed, and the length settings in a
-        # length study (epochs) or an equal-steps one (budget.unit, budget.length)
-        swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed", *budget.SETTINGS]
-        composed = {}
-        for path in sorted((preset_dir / "runs").glob("**/summary.json")):
-            record = json.loads(path.read_text())
-            values = {key: value for key in swept if (value := _dotted(record["config"], key)) is not _ABSENT}
-            if values.get("budget.unit", budget.DEFAULT_UNIT) != "epochs":
-                del values["epochs"]  # recorded as null, unused: the composed run keeps the preset's
-            choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
-            if choices not in composed:
-                composed[choices] = compose([f"experiment={preset}", *choices], hydra_node=False)
-            cfg = composed[choices].copy()
-            for key, value in values.items():
-                if key not in ("norm", "model"):
-                    OmegaConf.update(cfg, key, value, force_add=False)
-            run_dir = path.parent.relative_to(preset_dir / "runs")  # quick's out_dir is runs/quick: a copy
-            # its folder, or the one it had before run names held the training length (where the cli finds it)
-            assert str(run_dir) in (cfg.run_name, identity.legacy_run_name(cfg)), (preset, values)
-            assert identity.record_fingerprint(record) == identity.fingerprint(identity.run_config(cfg)), run_dir
-            checked += 1
+    preset_dir = COMMITTED_RESULTS / folder
+    preset = presets.get(f"results/{preset_dir.name}/runs", preset_dir.name)
+    # what the preset sweeps, and what scripts/reference.py sets: lr, seed, and the length settings in a
+    # length study (epochs) or an equal-steps one (budget.unit, budget.length)
+    swept = [*compose([f"experiment={preset}"]).hydra.sweeper.params, "lr", "seed", *budget.SETTINGS]
+    composed = {}
+    for path in sorted((preset_dir / "runs").glob("**/summary.json")):
+        record = json.loads(path.read_text())
+        values = {key: value for key in swept if (value := _dotted(record["config"], key)) is not _ABSENT}
+        if values.get("budget.unit", budget.DEFAULT_UNIT) != "epochs":
+            del values["epochs"]  # recorded as null, unused: the composed run keeps the preset's
+        choices = tuple(f"{k}={_cli_value(v)}" for k, v in values.items() if k in ("norm", "model"))
+        if choices not in composed:
+            composed[choices] = compose([f"experiment={preset}", *choices], hydra_node=False)
+        cfg = composed[choices].copy()
+        for key, value in values.items():
+            if key not in ("norm", "model"):
+                OmegaConf.update(cfg, key, value, force_add=False)
+        run_dir = path.parent.relative_to(preset_dir / "runs")  # quick's out_dir is runs/quick: a copy
+        # its folder, or the one it had before run names held the training length (where the cli finds it)
+        assert str(run_dir) in (cfg.run_name, identity.legacy_run_name(cfg)), (preset, values)
+        assert identity.record_fingerprint(record) == identity.fingerprint(identity.run_config(cfg)), run_dir
+        checked += 1
     if not checked:
         pytest.skip("no committed runs")
 
