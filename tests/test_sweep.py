@@ -2,6 +2,7 @@
 reports, and parallel launchers."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -330,7 +331,9 @@ def test_reference_runs_launches_side_by_side_while_their_jobs_fit(monkeypatch):
             self.polls += 1
             return None if self.polls < 2 else self.wait()
 
-        def wait(self):
+        def wait(self, timeout=None):
+            if timeout is not None and self.polls < 2:  # still training: the wait times out, as Popen's does
+                raise subprocess.TimeoutExpired(self.args, timeout)
             if self in Launch.running:
                 Launch.running.remove(self)
             return self.returncode
