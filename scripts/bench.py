@@ -83,6 +83,12 @@ TARGETS = {"defaults_vs_fp32": DEFAULTS_VS_FP32, "norm_vs_bn": 0.67, "virtual_vs
            "runner_vs_dataloader": {128: 1.35, 2: 1.15}, "peak_rss_gb": 2.5}
 FORMAT_MARGIN = 0.03  # a memory format is "faster" when it is more than this much faster (formats section)
 FP32_CONTIGUOUS = ("amp=false", "memory_format=contiguous")  # the runner as every run was before issue 26
+# The options of a norm whose per-step work changes at fixed step counts, not at fractions of the run (those follow
+# the measurement's length, as the runner's do): they put every timed step where a run spends nearly all of its
+# steps. MABN's defaults (the moving averages after 16 and 100 steps, the renormalization after 1000) would time
+# its warm-up, batch statistics with r = 1, in every window; with these both run from the 3rd step on, the same
+# kernels (the windows' means over 2 steps instead of 16).
+STEADY_STATE = {"mabn": {"sma_window": 2, "sma_warmup": 0, "renorm_start": 0}}
 
 
 def defaults_vs_fp32_goal(model: str, norm: str, batch_size: int) -> float | None:
@@ -114,6 +120,12 @@ def synthetic_cifar(root: Path, n_train: int, n_test: int = 1000) -> Path:
 # --------------------------------------------------------------------------- the runner
 
 
+def steady_model(model_name: str, norm: str):
+    """``norm`` in ``model_name`` at its defaults but for its STEADY_STATE options: the model of the bench's own loops
+    (the runner's measurement gets the same options through its config, ``runner_config``)."""
+    return build_model(model_name, norm, **STEADY_STATE.get(norm, {}))
+
+
 def runner_config(args, model: str, norm: str, batch_size: int, data_root: str, settings, extra=()):
     """The real runner config of one measurement (`settings`: amp and memory_format overrides)."""
     steps = args.window_steps(batch_size)
@@ -121,6 +133,7 @@ def runner_config(args, model: str, norm: str, batch_size: int, data_root: str, 
         f"model={model}", f"norm={norm}", f"batch_size={batch_size}", f"epochs={args.windows + 1}",
         f"data.subset={steps * batch_size}", "data.test_subset=100", f"data.root={data_root}",
         f"data.cache_dir={Path(data_root) / 'cache'}", f"device={args.device}", *settings,
+        *(f"norm.{key}={value}" for key, value in STEADY_STATE.get(norm, {}).items()),
         "stat_gap_every=0", "log_every=1000000", "gap_train_images=0", "progress=false", *extra], hydra_node=False)
 
 
@@ -265,7 +278,7 @@ def pure_rate(args, model_name: str, norm: str, batch_size: int, use_amp: bool, 
     device = resolve_device(args.device)
     torch.manual_seed(0)
     layout = torch_memory_format(memory_format)
-    model = build_model(model_name, norm).to(device, memory_format=layout).train()
+    model = steady_model(model_name, norm).to(device, memory_format=layout).train()
     windows = args.windows if windows is None else windows
     # A run as long as the measurement, as the runner's measurement is (epochs = windows + 1): the schedules over
     # the run are where such a run has them (BRN's relaxation; CBN's burn-in, a quarter of it, ends with the
@@ -304,7 +317,7 @@ def dataloader_rate(args, model_name: str, norm: str, batch_size: int, use_amp: 
                                          shuffle=True, drop_last=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     torch.manual_seed(0)
-    model = build_model(model_name, norm).to(device, memory_format=layout).train()
+    model = steady_model(model_name, norm).to(device, memory_format=layout).train()
     forever = ((x.contiguous(memory_format=layout), y) for _ in itertools.count() for x, y in loader)
     return time_steps(make_step(model, device, use_amp), forever, device, args.window_steps(batch_size), args.windows)
 
@@ -320,7 +333,7 @@ def training_flops_per_image(model_name: str, norm: str = "bn", batch_size: int 
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model = build_model(model_name, norm).train()
+    model = steady_model(model_name, norm).train()
     x = torch.randn(batch_size, 3, 32, 32)
     with FlopCounterMode(display=False) as forward:
         model(x)
@@ -746,7 +759,9 @@ def main() -> None:
                     f"The runner's figures are the median of {args.windows} timed windows after an untimed one "
                     f"({', '.join(f'{args.window_steps(b)} steps at batch {b}' for b in batch_sizes)}); random images. "
                     f"The defaults measured: amp={args.amp}, memory_format={args.memory_format}, which resolve here to "
-                    f"bf16 autocast: {bf16} (bn: {bn_layout}); the baseline: fp32 with contiguous tensors.")
+                    f"bf16 autocast: {bf16} (bn: {bn_layout}); the baseline: fp32 with contiguous tensors. "
+                    f"Norms measured past their warm-ups, which count fixed steps: "
+                    f"{'; '.join(f'{n} ' + ' '.join(f'{k}={v}' for k, v in o.items()) for n, o in STEADY_STATE.items())}.")
         report.show()
         if device.type == "cpu" and args.amp == "auto" and not bf16 and cpu_has_bf16_matrix_units():
             report.show("Note: this CPU has bf16 matrix units (AMX) but amp=auto resolves to fp32 here "

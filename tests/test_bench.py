@@ -159,3 +159,23 @@ def test_pure_compute_runs_a_run_as_long_as_the_measurement(bench, monkeypatch):
     layers = [m for m in built[0].modules() if type(m).__name__ == "CrossIterationBatchNorm"]
     assert layers and all(layer._steps == 16 for layer in layers)
     assert all(layer._stored == 12 for layer in layers)  # the 3 timed windows of 4 steps, after a burn-in of 4
+
+
+@pytest.mark.parametrize("batch_size", [128, 2])
+def test_mabn_is_timed_past_its_warm_up(bench, batch_size):
+    """MABN's warm-ups count fixed steps (16 and 100 before the moving averages, 1000 before the renormalization),
+    longer than the bench's untimed window: its measurements take the steady-state options, so that the first
+    timed step already averages and renormalizes, in the runner's config and in the bench's own model (at the
+    defaults every timed step would be a warm-up step, which does less)."""
+    from normbench.models import build_from_config
+    from normbench.norms.mabn import MovingAverageBatchNorm
+
+    steps = bench.WINDOW_STEPS[batch_size]
+    args = SimpleNamespace(device="cpu", windows=3, window_steps=lambda b: steps)
+    cfg = bench.runner_config(args, "cnn", "mabn", batch_size, "/nonexistent", bench.FP32_CONTIGUOUS)
+    first_timed = steps + 1
+    for model in (build_from_config(cfg), bench.steady_model("cnn", "mabn")):
+        layers = [m for m in model.modules() if isinstance(m, MovingAverageBatchNorm)]
+        assert layers and all(m.averages_at(first_timed) and m.renormalizes_at(first_timed) for m in layers)
+    default = next(m for m in bench.build_model("cnn", "mabn").modules() if isinstance(m, MovingAverageBatchNorm))
+    assert not default.averages_at(first_timed)  # what the test guards against

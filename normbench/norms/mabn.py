@@ -216,6 +216,14 @@ class MovingAverageBatchNorm(BatchStatNorm):
         self.window_x2 = self.window_x2.new_zeros(self.sma_window, groups, self.num_features)
         self.window_psi = self.window_psi.new_zeros(self.sma_window, groups, self.num_features)
 
+    def averages_at(self, step: int) -> bool:
+        """Whether training step ``step`` (1, 2, ...) normalizes with the moving averages, not the batch's own."""
+        return step > self.sma_window and step >= self.sma_warmup
+
+    def renormalizes_at(self, step: int) -> bool:
+        """Whether training step ``step`` renormalizes towards the running statistic (r computed, not 1)."""
+        return step > max(self.renorm_start, self.sma_warmup)
+
     # The step count and what it selects live on the host: kept out of torch.compile's graphs, which would
     # otherwise be specialized on it and recompiled every step.
     @compile_disabled
@@ -228,11 +236,11 @@ class MovingAverageBatchNorm(BatchStatNorm):
             step = self._steps + 1
             slot = step % self.sma_window
             self.window_x2[slot].copy_(chi)
-            use_sma = step > self.sma_window and step >= self.sma_warmup
+            use_sma = self.averages_at(step)
             with torch.no_grad():
                 if use_sma:
                     chi = self.window_x2.mean(0)
-                if step > max(self.renorm_start, self.sma_warmup):
+                if self.renormalizes_at(step):
                     r = ((chi + self.eps) / (self.running_var + self.eps)).sqrt_().clamp_(1.0 / self.r_max, self.r_max)
                 if self._recording:
                     self._record(x, groups, chi)
