@@ -15,8 +15,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# then the C++ ports of the layers' training steps (normbench/norms/native.py): built once here, not in a test or run
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -c 'from normbench.norms import native; native.main()'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -395,3 +395,40 @@ def test_the_fused_bf16_input_gradient_computes_what_the_eager_one_does(monkeypa
         grads.append(x_in.grad)
     assert grads[0].dtype == torch.bfloat16
     torch.testing.assert_close(grads[0].float(), grads[1].float(), rtol=8e-3, atol=1e-3 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("virtual_batch, affine", [(None, True), (2, True), (None, False)])
+def test_the_cpp_step_computes_what_the_python_step_does_bit_for_bit(virtual_batch, affine, monkeypatch):
+    """The C++ port of the training step (mabn_step.cpp) against the Python path, step by step through the warm-up,
+    the moving averages and the renormalization: the outputs, every gradient and every buffer the same to the bit
+    (so runs trained either way are the same runs); and it is the path a float32 CPU step takes."""
+    from normbench.norms import mabn, native
+
+    port = native.extension("mabn_step")
+    if port is None:
+        pytest.skip("the C++ port cannot be built here: MABN runs its Python path")
+    assert mabn._port(torch.zeros(2, 3, 4, 4)) is port
+    assert mabn._port(torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16)) is None
+    torch.manual_seed(0)
+    options = dict(sma_window=3, sma_warmup=5, renorm_start=8, virtual_batch=virtual_batch, affine=affine)
+    python, cpp = mabn.MovingAverageBatchNorm(4, **options), mabn.MovingAverageBatchNorm(4, **options)
+    if affine:
+        with torch.no_grad():
+            for layer in (python, cpp):
+                layer.weight.copy_(torch.linspace(0.5, 2.0, 4))
+                layer.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    ported, real_port = [], mabn._port
+    monkeypatch.setattr(native, "extension", lambda name: ported.append(name) or port)
+    for step in range(14):
+        x, grad = torch.randn(4, 4, 5, 5) * 2 + 0.5, torch.randn(4, 4, 5, 5)
+        results = []
+        for layer, path in ((python, lambda xf: None), (cpp, real_port)):
+            monkeypatch.setattr(mabn, "_port", path)
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            out.backward(grad)
+            results.append([out, xi.grad, *(p.grad for p in layer.parameters()), *layer.buffers()])
+            layer.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(*results)), f"step {step + 1}"
+        assert python._steps == cpp._steps == step + 1
+    assert len(ported) == 14  # every step of the second layer went through the port

@@ -17,6 +17,8 @@ The package, module by module:
 * ``modes``: the model-wide modes over the batch-statistics layers;
 * ``weight``: the weight reparametrizations (wn, sn, gn_ws) and data-dependent init;
 * ``fused``: what torch.compile does with the layers (``cpu_fused`` kernels, ``before_compile``).
+* ``native``: C++ ports of layers' training steps (the same calls as their Python, without its overhead),
+  built on first use.
 
 This module's ``__all__`` is the package's public interface (the submodules declare none).
 """
